@@ -1,0 +1,449 @@
+"""GraceModule: the GRACE policy-gradient step as a LightningModule.
+
+One ``training_step`` is one rollout batch (``data.prompts_per_step`` policy prompts):
+
+    rollout -> embed -> reward -> advantage -> update (several optimiser steps, PPO-clip)
+
+Supervised (paper §3, upstream ``train_mode=supervised``): the positive document is the policy
+prompt and gets K rollouts at ``rollout.temperature``; the query and its negatives are anchors,
+one rollout each at ``rollout.anchor_temperature``, no gradient. Unsupervised: the sentence is the
+policy prompt, and one more rollout of the same sentence at the anchor temperature is its
+self-anchor. Embeddings come from the rollout loop itself (see ``rollout/engine.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from grace_lightning.models.backbone import BackboneConfig, load_backbone
+from grace_lightning.prompts import ChatPrompter
+from grace_lightning.rl import advantages as adv_fns
+from grace_lightning.rl import rewards as reward_fns
+from grace_lightning.rl.losses import clipped_policy_loss, kl_k3, masked_mean
+from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+class GraceModule(L.LightningModule):
+    def __init__(
+        self,
+        backbone: dict,
+        prompt: dict,
+        rollout: dict,
+        reward: dict,
+        algo: dict,
+        optim: dict,
+        logging_cfg: dict | None = None,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # several PPO mini-batch steps per rollout batch
+        self.backbone_cfg = BackboneConfig(**dict(backbone))
+        self.prompt_cfg, self.rollout_cfg = dict(prompt), dict(rollout)
+        self.reward_cfg, self.algo_cfg, self.optim_cfg = dict(reward), dict(algo), dict(optim)
+        self.logging_cfg = dict(logging_cfg or {})
+        self.policy, self.tokenizer = load_backbone(self.backbone_cfg)
+        if self.optim_cfg.get("master_weights_fp32", True) and self.policy.dtype != torch.float32:
+            # bf16 weights would swallow lr=1e-6 updates; compute runs in bf16 under autocast
+            self.policy.float()
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+            self.policy.config.use_cache = False
+        self.prompter = ChatPrompter(
+            self.tokenizer, prompt.get("system_prompt"), prompt.get("max_prompt_tokens", 1024)
+        )
+        self.engine = HFRolloutEngine(
+            self.policy,
+            self.tokenizer,
+            max_new_tokens=rollout["max_new_tokens"],
+            top_p=rollout.get("top_p", 1.0),
+            top_k=rollout.get("top_k", 0),
+        )
+        self.ref_policy = None
+        if algo.get("beta", 0.0) > 0:
+            self.ref_policy = self._frozen_copy()
+        self.seed = seed
+        self.table_path: Path | None = None  # set by the trainer script (run dir)
+
+    # ------------------------------------------------------------------ setup
+    def _frozen_copy(self):
+        ref, _ = load_backbone(self.backbone_cfg)
+        ref.load_state_dict(self.policy.state_dict())
+        ref.requires_grad_(False).eval()
+        return ref
+
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params,
+            lr=o["lr"],
+            weight_decay=o.get("weight_decay", 0.01),
+            betas=tuple(o.get("betas", (0.9, 0.999))),
+            eps=o.get("eps", 1e-8),
+        )
+
+    def _generator(self) -> torch.Generator:
+        # per-step, per-rank sampling seed: reproducible and resumable, different on each rank
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
+        return g
+
+    @contextmanager
+    def _eval_mode(self):
+        was = self.policy.training
+        self.policy.eval()
+        try:
+            yield
+        finally:
+            self.policy.train(was)
+
+    # ------------------------------------------------------------------ step
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        k = self.rollout_cfg["num_generations"]
+        timings: dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        rollouts, anchors = self.rollout(batch)  # (B*K rows), anchor embeddings
+        timings["time/rollout"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        b = len(rollouts.prompt_ids)
+        policy_emb = rollouts.embeddings.view(b, k, -1)  # (B, K, D)
+        terms = self.compute_rewards(policy_emb, anchors)  # each (B, K)
+        truncated = rollouts.truncated.view(b, k)
+        rewards, loss_weight = reward_fns.apply_truncation(
+            terms["total"],
+            truncated,
+            mode=self.reward_cfg.get("truncation", "replace"),
+            value=self.reward_cfg.get("truncation_value", -1.0),
+        )
+        advantages = self.compute_advantages(rewards)  # (B, K)
+        timings["time/reward"] = time.perf_counter() - t0
+
+        metrics = self.rollout_metrics(rollouts, terms, rewards, truncated)
+        finite = bool(torch.isfinite(rewards[~torch.isnan(rewards)]).all())
+        finite &= bool(torch.isfinite(advantages).all())
+        if not finite:
+            # a NaN/inf reward never reaches the optimiser: log it and skip this update
+            log.warning("non-finite reward at step %d: update skipped", self.global_step)
+            metrics["update_skipped"] = 1.0
+            self.log_dict(metrics, on_step=True, batch_size=b)
+            return None
+
+        t0 = time.perf_counter()
+        metrics.update(self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1)))
+        timings["time/update"] = time.perf_counter() - t0
+        metrics.update(timings)
+        metrics["update_skipped"] = 0.0
+        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=b)
+        self.log("reward", metrics["reward"], prog_bar=True, batch_size=b)
+        self.maybe_log_table(batch, rollouts, terms, rewards, advantages)
+        return None
+
+    # ------------------------------------------------------------------ 1. rollout
+    def policy_texts(self, batch) -> list[str]:
+        return batch["positive"] if self.reward_cfg["mode"] == "sup" else batch["text"]
+
+    @torch.no_grad()
+    def rollout(self, batch) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
+        """K rollouts per policy prompt and one per anchor, in ONE batched generate call."""
+        r, k = self.rollout_cfg, self.rollout_cfg["num_generations"]
+        texts = self.policy_texts(batch)
+        b = len(texts)
+        anchor_texts = (
+            batch["query"] + [n for negs in batch["negatives"] for n in negs]
+            if self.reward_cfg["mode"] == "sup"
+            else list(texts)
+        )
+        prompts = self.prompter.encode(list(texts) + anchor_texts)
+        counts = [k] * b + [1] * len(anchor_texts)
+        temps = [r["temperature"]] * b + [r["anchor_temperature"]] * len(anchor_texts)
+        with self._eval_mode():
+            out = self.engine.generate(
+                prompts, counts, temps, self.prompter.system_len, generator=self._generator()
+            )
+        rows = b * k
+        policy = _select_rows(out, torch.arange(rows, device=out.row_to_prompt.device), b)
+        anchor_emb = out.embeddings[rows:]  # (A, D), in anchor_texts order
+        anchors: dict[str, torch.Tensor] = {}
+        if self.reward_cfg["mode"] == "sup":
+            anchors["query"] = anchor_emb[:b]
+            anchors["negatives"] = _pad_negatives(
+                anchor_emb[b:], [len(n) for n in batch["negatives"]]
+            )
+        else:
+            anchors["anchor"] = anchor_emb
+        anchors["_texts"] = out.response_texts(self.tokenizer)[rows:]  # for the rationale table
+        return policy, anchors
+
+    # ------------------------------------------------------------------ 2. reward
+    def compute_rewards(self, policy_emb: torch.Tensor, anchors: dict) -> dict[str, torch.Tensor]:
+        """Reward terms over the GLOBAL batch (hard negatives come from every rank's groups)."""
+        c = self.reward_cfg
+        b = policy_emb.size(0)
+        policy_all = self._gather(policy_emb)  # (B_global, K, D)
+        kw = dict(
+            lambda_consistency=c["lambda_consistency"], lambda_hard=c["lambda_hard"], tau=c["tau"]
+        )
+        if c["mode"] == "sup":
+            query, negs = self._gather(anchors["query"]), self._gather(anchors["negatives"])
+            if c.get("objective", "grace") == "infonce":
+                terms = reward_fns.infonce_rewards(query, policy_all, negs, tau=c["tau"])
+            else:
+                terms = reward_fns.supervised_rewards(
+                    query,
+                    policy_all,
+                    negs,
+                    negative_mode=c.get("negative_mode", "paper"),
+                    hard_mode=c.get("hard_mode", "paper"),
+                    **kw,
+                )
+        else:
+            anchor = self._gather(anchors["anchor"])
+            terms = reward_fns.unsupervised_rewards(
+                anchor, policy_all, cross_group=c.get("cross_group", "paper"), **kw
+            )
+        start = self.global_rank * b if self.trainer.world_size > 1 else 0
+        return {name: t[start : start + b] for name, t in terms.items()}
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x).flatten(0, 1)
+
+    # ------------------------------------------------------------------ 3. advantage
+    def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Group mean-centred (paper; std division off: scale_rewards='none')."""
+        a = self.algo_cfg
+        estimator = a.get("advantage", "grpo")
+        if estimator == "rloo":
+            return adv_fns.rloo_advantages(rewards)
+        if estimator == "reinforce_pp":
+            return adv_fns.reinforce_pp_advantages(rewards)
+        return adv_fns.group_advantages(rewards, scale=a.get("scale_rewards", "none"))
+
+    # ------------------------------------------------------------------ 4. update
+    def update(self, ro: RolloutBatch, advantages: torch.Tensor, loss_weight: torch.Tensor) -> dict:
+        """PPO-clip over mini-batches of whole groups; ``algo.num_iterations`` passes."""
+        a, k = self.algo_cfg, self.rollout_cfg["num_generations"]
+        opt = self.optimizers()
+        b = len(ro.prompt_ids)
+        groups_per_mb = a["prompts_per_minibatch"]
+        old_logp = ro.logprobs
+        if a.get("old_logprobs", "rollout") == "recompute" or old_logp is None:
+            old_logp = self._logprobs(self.policy, ro, torch.arange(b, device=self.device))[
+                0
+            ].detach()
+        ref_logp = None
+        if self.ref_policy is not None:
+            with torch.no_grad():
+                ref_logp = self._logprobs(self.ref_policy, ro, torch.arange(b, device=self.device))[
+                    0
+                ]
+        stats: dict[str, list[float]] = {}
+        for _ in range(a.get("num_iterations", 1)):
+            for start in range(0, b, groups_per_mb):
+                groups = torch.arange(start, min(start + groups_per_mb, b), device=self.device)
+                rows = (groups[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)
+                logp, entropy = self._logprobs(self.policy, ro, groups, with_entropy=True)
+                mask = ro.response_mask[rows].float() * loss_weight[rows, None]
+                loss, m = clipped_policy_loss(
+                    logp,
+                    old_logp[rows],
+                    advantages[rows],
+                    mask,
+                    epsilon_low=a["epsilon_low"],
+                    epsilon_high=a["epsilon_high"],
+                    dual_clip=a.get("dual_clip"),
+                    loss_type=a.get("loss_type", "dapo"),
+                    max_completion_length=self.rollout_cfg["max_new_tokens"],
+                    num_items=self._global_tokens(mask)
+                    if a.get("loss_type", "dapo") == "dapo"
+                    else None,
+                )
+                if ref_logp is not None:
+                    kl = masked_mean(kl_k3(logp, ref_logp[rows]), mask)
+                    loss = loss + a["beta"] * kl
+                    m["kl"] = kl.detach()
+                m["entropy"] = masked_mean(entropy, mask)
+                opt.zero_grad(set_to_none=True)
+                self.manual_backward(loss)
+                clip = self.optim_cfg.get("grad_clip", 1.0)
+                grad_norm = _grad_norm(self.policy, clip)
+                opt.step()
+                m["loss"], m["grad_norm"] = loss.detach(), grad_norm
+                for key, value in m.items():
+                    stats.setdefault(key, []).append(float(value))
+        out = {key: sum(v) / len(v) for key, v in stats.items()}
+        out["lr"] = opt.param_groups[0]["lr"]
+        return out
+
+    def _global_tokens(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """DAPO normaliser: active tokens of this mini-batch across ranks / world size (TRL)."""
+        if self.trainer.world_size == 1:
+            return None
+        return self.trainer.strategy.reduce(mask.sum(), reduce_op="mean")
+
+    def _logprobs(self, model, ro: RolloutBatch, groups: torch.Tensor, with_entropy=False):
+        """Log-probs of the rollouts of ``groups`` (prompt indices): rows are group-contiguous."""
+        k = self.rollout_cfg["num_generations"]
+        rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
+        local = torch.arange(len(groups), device=groups.device).repeat_interleave(k)
+        return response_logprobs(
+            model,
+            ro.prompt_ids[groups],
+            ro.prompt_mask[groups],
+            ro.response_ids[rows],
+            ro.response_mask[rows],
+            local,
+            ro.temperatures[rows],
+            share_prompt=self.algo_cfg.get("share_prompt", True),
+            with_entropy=with_entropy,
+        )
+
+    # ------------------------------------------------------------------ logging
+    def rollout_metrics(self, ro, terms, rewards, truncated) -> dict[str, float]:
+        """TRL's metric names (reward, reward_std, rewards/*, frac_reward_zero_std, completions/*)."""
+        lengths = ro.lengths.float()
+        finished = ro.finished
+        m: dict[str, float] = {
+            "reward": float(torch.nanmean(rewards)),
+            "reward_std": float(_nanstd(rewards)),
+            "frac_reward_zero_std": float(adv_fns.zero_std_groups(rewards).float().mean()),
+            "completions/mean_length": float(lengths.mean()),
+            "completions/min_length": float(lengths.min()),
+            "completions/max_length": float(lengths.max()),
+            "completions/clipped_ratio": float(truncated.float().mean()),
+            "completions/mean_terminated_length": float(lengths[finished].mean())
+            if finished.any()
+            else 0.0,
+        }
+        for name, t in terms.items():
+            m[f"rewards/{name}"] = float(t.mean())
+            if name != "total":
+                m[f"rewards/{name}_group_std"] = float(reward_fns.group_std(t).mean())
+        return m
+
+    def maybe_log_table(self, batch, ro, terms, rewards, advantages):
+        every = self.logging_cfg.get("table_every_n_steps", 0)
+        if not every or self.table_path is None or not self.trainer.is_global_zero:
+            return
+        rollout_index = self.global_step // max(1, self._steps_per_rollout())
+        if (rollout_index - 1) % every:
+            return
+        k = self.rollout_cfg["num_generations"]
+        texts = self.policy_texts(batch)
+        rationales = ro.response_texts(self.tokenizer)
+        rows = []
+        for i, text in enumerate(texts):
+            for j in range(k):
+                r = i * k + j
+                row = {
+                    "step": int(self.global_step),
+                    "text": text,
+                    "rationale": rationales[r],
+                    "length": int(ro.lengths[r]),
+                    "finished": bool(ro.finished[r]),
+                    "reward": float(rewards[i, j]),
+                    "advantage": float(advantages[i, j]),
+                }
+                row.update({f"rewards/{n}": float(t[i, j]) for n, t in terms.items()})
+                rows.append(row)
+        self.table_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.table_path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):
+                cols = list(rows[0])
+                logger.log_table(
+                    "rationales",
+                    columns=cols,
+                    data=[[r[c] for c in cols] for r in rows],
+                    step=self.global_step,
+                )
+
+    def _steps_per_rollout(self) -> int:
+        b = self.trainer.datamodule.prompts_per_step if self.trainer.datamodule else 1
+        return math.ceil(b / self.algo_cfg["prompts_per_minibatch"]) * self.algo_cfg.get(
+            "num_iterations", 1
+        )
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path) -> Path:
+        """``save_pretrained`` the policy and tokenizer; loadable by plain transformers."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        model = self.policy
+        if hasattr(model, "merge_and_unload"):  # PEFT: merge the adapter into the weights
+            model = model.merge_and_unload()
+        model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        meta = {
+            "system_prompt": self.prompt_cfg.get("system_prompt"),
+            "max_prompt_tokens": self.prompt_cfg.get("max_prompt_tokens", 1024),
+            "backbone": self.backbone_cfg.name,
+            "pooling": "mean over text + assistant header + rationale (system prompt excluded)",
+            "rollout": {
+                k: self.rollout_cfg[k]
+                for k in ("temperature", "max_new_tokens")
+                if k in self.rollout_cfg
+            },
+            "global_step": int(self.global_step),
+        }
+        (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+
+def _select_rows(out: RolloutBatch, rows: torch.Tensor, num_prompts: int) -> RolloutBatch:
+    """The first ``num_prompts`` prompts' rows (the policy rows) of a rollout batch."""
+    return RolloutBatch(
+        prompt_ids=out.prompt_ids[:num_prompts],
+        prompt_mask=out.prompt_mask[:num_prompts],
+        row_to_prompt=out.row_to_prompt[rows],
+        response_ids=out.response_ids[rows],
+        response_mask=out.response_mask[rows],
+        finished=out.finished[rows],
+        temperatures=out.temperatures[rows],
+        logprobs=None if out.logprobs is None else out.logprobs[rows],
+        embeddings=None if out.embeddings is None else out.embeddings[rows],
+    )
+
+
+def _pad_negatives(flat: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(sum M_i, D) -> (B, max M, D); missing negatives are zero vectors (cosine 0, no effect)."""
+    m = max(counts) if counts else 0
+    out = flat.new_zeros(len(counts), m, flat.size(-1))
+    start = 0
+    for i, c in enumerate(counts):
+        out[i, :c] = flat[start : start + c]
+        start += c
+    return out
+
+
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    x = x[~torch.isnan(x)]
+    return x.std() if x.numel() > 1 else x.new_zeros(())
+
+
+def _grad_norm(model, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))

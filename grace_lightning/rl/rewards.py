@@ -1,0 +1,237 @@
+"""GRACE contrastive rewards from L2-normalised embeddings (pure tensor functions).
+
+All inputs are unit vectors, so a dot product is the cosine similarity. Every function returns
+per-rollout tensors of shape (B, K): B groups (prompts) with K rollouts each. The caller passes
+the GLOBAL batch (gathered across ranks, as TRL gathers rewards before grouping), because the
+cross-group ("hard") terms compare a group with every other group in the batch.
+
+Paper (arXiv 2510.04506, notes §3.4):
+    R_CL      = sim(q, d+_k) - sum_m sim(q, d-_m)
+    R_consist = 1/(K-1) sum_{j!=k} sim(d+_k, d+_j)
+    R_hard    = -1/(B-1) sum_{g!=i} max_l sim(q_i, d+_gl)
+    R_total   = (R_CL + l1 R_consist + l2 R_hard) / tau
+Upstream code (`GasolSun36/GRACE`, `HiddenRewardManager`): the same, with one negative, a -1
+replacement reward for truncated responses, and a different unsupervised cross-group term.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _f32(x: Tensor) -> Tensor:
+    """Upcast half/bfloat16 embeddings so reward arithmetic runs in at least float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _mean_over_other_groups(x: Tensor) -> Tensor:
+    """x (B, ..., B) with the first and last dims indexing groups -> (B, ...) mean over g != i.
+
+    Zero when B == 1 (there are no other groups).
+    """
+    B = x.shape[0]
+    if B == 1:
+        return x.new_zeros(x.shape[:-1])
+    off_diag = ~torch.eye(B, dtype=torch.bool, device=x.device)  # (B, B)
+    off_diag = off_diag.view(B, *([1] * (x.dim() - 2)), B)  # (B, 1.., B)
+    return x.masked_fill(~off_diag, 0.0).sum(-1) / (B - 1)
+
+
+def _consistency(x: Tensor) -> Tensor:
+    """x (B, K, D) -> (B, K): mean_{j != k} cos(x_ik, x_ij); zero when K == 1 (paper R_consist)."""
+    B, K, _ = x.shape
+    if K == 1:
+        return x.new_zeros(B, K)
+    sim = x @ x.transpose(-1, -2)  # (B, K, K)
+    return (sim.sum(-1) - sim.diagonal(dim1=-2, dim2=-1)) / (K - 1)
+
+
+def _hard_anchor(anchor: Tensor, rollouts: Tensor) -> Tensor:
+    """Paper R_hard: -mean_{g != i} max_l cos(anchor_i, x_gl). anchor (B, D), x (B, K, D) -> (B,)."""
+    sim = torch.einsum("id,gld->igl", anchor, rollouts)  # (B, B, K)
+    return -_mean_over_other_groups(sim.amax(-1))  # (B,)
+
+
+def group_std(term: Tensor) -> Tensor:
+    """term (B, K) -> (B,) UNBIASED (Bessel-corrected, as `torch.std` and TRL) std per group.
+
+    NaN entries (masked rollouts, see `apply_truncation`) are ignored; a group with fewer than
+    two finite values has std 0. Logged as `rewards/<term>_group_std`.
+    """
+    valid = ~torch.isnan(term)  # (B, K)
+    n = valid.sum(-1)  # (B,)
+    x = term.masked_fill(~valid, 0.0)
+    mean = x.sum(-1) / n.clamp(min=1)  # (B,)
+    sq = ((x - mean[:, None]) ** 2).masked_fill(~valid, 0.0).sum(-1)  # (B,)
+    var = sq / (n - 1).clamp(min=1)
+    return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
+
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def supervised_rewards(
+    query: Tensor,
+    positives: Tensor,
+    negatives: Tensor | None,
+    *,
+    lambda_consistency: float = 0.2,
+    lambda_hard: float = 0.2,
+    tau: float = 0.1,
+    negative_mode: Literal["paper", "per_rollout"] = "paper",
+    hard_mode: Literal["paper", "per_rollout"] = "paper",
+) -> dict[str, Tensor]:
+    """Supervised GRACE reward (paper §3.4; upstream `train.sh`: tau=0.1, l1=l2=0.2).
+
+    Args:
+        query: (B, D) one fixed query embedding per group.
+        positives: (B, K, D) rollouts of the positive document (the ones trained).
+        negatives: (B, M, D) fixed negatives (paper sums over M; upstream has M=1), or None.
+        negative_mode: "paper" = -sum_m cos(q_i, d-_im), constant within a group, so it cancels
+            under group-mean advantages (upstream issue #4). "per_rollout" = -sum_m cos(d+_ik,
+            d-_im), which varies with k.
+        hard_mode: "paper" = -mean_{g!=i} max_j cos(q_i, d+_gj) (also constant within a group).
+            "per_rollout" = -mean_{g!=i} max_j cos(d+_ik, d+_gj).
+
+    Returns:
+        dict of (B, K) tensors: raw signed terms `pos`, `neg`, `consistency`, `hard` (unweighted,
+        unscaled) and `total` = (pos + neg + l1 consistency + l2 hard) / tau.
+    """
+    if negative_mode not in ("paper", "per_rollout"):
+        raise ValueError(f"negative_mode must be 'paper' or 'per_rollout', got {negative_mode!r}")
+    if hard_mode not in ("paper", "per_rollout"):
+        raise ValueError(f"hard_mode must be 'paper' or 'per_rollout', got {hard_mode!r}")
+    q, P = _f32(query), _f32(positives)
+    B, K, _ = P.shape
+
+    pos = torch.einsum("bd,bkd->bk", q, P)  # (B, K)
+
+    if negatives is None or negatives.shape[1] == 0:
+        neg = P.new_zeros(B, K)
+    elif negative_mode == "paper":
+        neg = -torch.einsum("bd,bmd->bm", q, _f32(negatives)).sum(-1)  # (B,)
+        neg = neg[:, None].expand(B, K).contiguous()
+    else:
+        neg = -torch.einsum("bkd,bmd->bkm", P, _f32(negatives)).sum(-1)  # (B, K)
+
+    if hard_mode == "paper":
+        hard = _hard_anchor(q, P)[:, None].expand(B, K).contiguous()  # (B, K)
+    else:
+        sim = torch.einsum("ikd,gjd->ikgj", P, P)  # (B, K, B, K)
+        hard = -_mean_over_other_groups(sim.amax(-1))  # (B, K)
+
+    cons = _consistency(P)  # (B, K)
+    total = (pos + neg + lambda_consistency * cons + lambda_hard * hard) / tau
+    return {"pos": pos, "neg": neg, "consistency": cons, "hard": hard, "total": total}
+
+
+def infonce_rewards(
+    query: Tensor, positives: Tensor, negatives: Tensor | None, *, tau: float
+) -> dict[str, Tensor]:
+    """InfoNCE-style per-rollout reward (a variant beyond the paper).
+
+    reward_ik = log softmax_c [cos(q_i, c) / tau] evaluated at c = d+_ik, with candidate set
+
+        C_ik = {d+_ik} U {d-_im : m} U {d+_gk : g != i}
+
+    i.e. rollout k of every group forms one in-batch "column" of B (query, positive) pairs, as in
+    standard in-batch-negatives InfoNCE (SimCSE/E5) plus the group's own hard negatives. Each
+    rollout therefore sees exactly 1 + M + (B-1) candidates and, with K=1, this is plain InfoNCE.
+    Unlike the paper's `neg`/`hard`, both the numerator and the denominator depend on k, so the
+    reward keeps its within-group spread. `total` == `infonce` (already in 1/tau units, <= 0).
+
+    Args: query (B, D), positives (B, K, D), negatives (B, M, D) or None.
+    Returns: dict of (B, K) tensors `infonce`, `total`.
+    """
+    q, P = _f32(query), _f32(positives)
+    B, K, _ = P.shape
+    s_col = torch.einsum("id,gkd->ikg", q, P) / tau  # (B, K, B); s_col[i, k, i] is the positive
+    s_pos = s_col.diagonal(dim1=0, dim2=2).T  # (B, K)
+    logits = s_col
+    if negatives is not None and negatives.shape[1] > 0:
+        s_neg = torch.einsum("id,imd->im", q, _f32(negatives)) / tau  # (B, M)
+        logits = torch.cat([s_col, s_neg[:, None, :].expand(B, K, -1)], dim=-1)  # (B, K, B+M)
+    reward = s_pos - torch.logsumexp(logits, dim=-1)  # (B, K)
+    return {"infonce": reward, "total": reward}
+
+
+def unsupervised_rewards(
+    anchor: Tensor,
+    rollouts: Tensor,
+    *,
+    lambda_consistency: float = 0.2,
+    lambda_hard: float = 0.2,
+    tau: float = 0.1,
+    cross_group: Literal["paper", "upstream"] = "paper",
+) -> dict[str, Tensor]:
+    """Unsupervised GRACE reward (paper §3.4: R_self + consistency + hard "as in supervised").
+
+    Args:
+        anchor: (B, D) one low-temperature rollout of the same text (upstream T=0.5, n=1).
+        rollouts: (B, K, D) the trained rollouts.
+        cross_group: "paper" = -mean_{g!=i} max_l cos(anchor_i, x_gl) (R_hard with the anchor as
+            q; constant within a group). "upstream" = -mean_{g!=i} cos(x_ik, anchor_g) (the
+            upstream code: mean, not max, against other groups' anchors; varies with k).
+
+    Returns:
+        dict of (B, K) tensors `self`, `consistency`, `hard`, and
+        `total` = (self + l1 consistency + l2 hard) / tau.
+    """
+    if cross_group not in ("paper", "upstream"):
+        raise ValueError(f"cross_group must be 'paper' or 'upstream', got {cross_group!r}")
+    a, X = _f32(anchor), _f32(rollouts)
+    B, K, _ = X.shape
+
+    self_sim = torch.einsum("bd,bkd->bk", a, X)  # (B, K)
+    cons = _consistency(X)  # (B, K)
+    if cross_group == "paper":
+        hard = _hard_anchor(a, X)[:, None].expand(B, K).contiguous()  # (B, K)
+    else:
+        sim = torch.einsum("ikd,gd->ikg", X, a)  # (B, K, B)
+        hard = -_mean_over_other_groups(sim)  # (B, K)
+
+    total = (self_sim + lambda_consistency * cons + lambda_hard * hard) / tau
+    return {"self": self_sim, "consistency": cons, "hard": hard, "total": total}
+
+
+# ----------------------------------------------------------------------------- truncation
+
+
+def apply_truncation(
+    rewards: Tensor,
+    truncated: Tensor,
+    mode: Literal["replace", "mask", "off"] = "replace",
+    value: float = -1.0,
+) -> tuple[Tensor, Tensor]:
+    """Handle responses that hit the length limit without EOS.
+
+    Args:
+        rewards: (B, K) total rewards (already divided by tau).
+        truncated: (B, K) bool.
+        mode:
+            "replace": upstream GRACE: the total reward becomes `value` (-1.0, NOT divided by
+                tau); loss weight 1.
+            "mask": (DAPO overlong filtering / TRL `mask_truncated_completions`) the rollout gets
+                loss weight 0 AND its reward becomes NaN, so `group_advantages` leaves it out of
+                its group's mean/std (nan-mean) and gives it advantage 0. It is treated as if it
+                had never been sampled. (TRL keeps such rewards in the group mean; we do not.)
+                Reward logging must then use nan-aware reductions.
+            "off": unchanged, loss weight 1.
+
+    Returns:
+        rewards (B, K), loss_weight (B, K) float (multiply it into the token mask).
+    """
+    truncated = truncated.bool()
+    ones = torch.ones_like(rewards)
+    if mode == "replace":
+        return rewards.masked_fill(truncated, value), ones
+    if mode == "mask":
+        return rewards.masked_fill(truncated, float("nan")), (~truncated).to(rewards.dtype)
+    if mode == "off":
+        return rewards, ones
+    raise ValueError(f"mode must be 'replace', 'mask' or 'off', got {mode!r}")

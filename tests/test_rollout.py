@@ -1,0 +1,137 @@
+"""Rollout engine and loss-pass log-probs against plain full-sequence forwards."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from grace_lightning.embedding import encode_prompts
+from grace_lightning.prompts import DEFAULT_SYSTEM_PROMPT, ChatPrompter
+from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rollout.engine import HFRolloutEngine, filter_logits, left_pad
+
+TEXTS = ["The cat sat on the mat.", "Quantum computers use qubits.", "Paris is in France."]
+
+
+def _full_forward(model, prompt, response):
+    with torch.no_grad():
+        out = model(torch.tensor([prompt + response]), output_hidden_states=True)
+    return out.hidden_states[-1][0], out.logits[0]
+
+
+def test_prompter_system_len_and_truncation(tiny_backbone):
+    _, tok = tiny_backbone
+    pr = ChatPrompter(tok, DEFAULT_SYSTEM_PROMPT, max_prompt_tokens=64)
+    ids = pr.encode(["hello world"])[0]
+    head = tok.decode(ids[: pr.system_len])
+    assert DEFAULT_SYSTEM_PROMPT in head and "hello" not in head
+    assert tok.decode(ids[pr.system_len :]).startswith("hello world")
+    long_ids = pr.encode(["word " * 500])[0]
+    assert len(long_ids) == 64
+    assert long_ids[-len(pr._tail_ids) :] == pr._tail_ids  # assistant header survives truncation
+    assert pr.lengths(["word " * 500])[0] > 64
+
+
+def test_engine_embeddings_and_logprobs_match_full_forward(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    prompts = pr.encode(TEXTS)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=12)
+    g = torch.Generator().manual_seed(0)
+    rb = engine.generate(prompts, [3, 1, 2], [1.0, 0.5, 0.7], pr.system_len, generator=g)
+    assert rb.row_to_prompt.tolist() == [0, 0, 0, 1, 2, 2]
+    assert rb.embeddings.shape == (6, model.config.hidden_size)
+    for r in range(6):
+        p = prompts[rb.row_to_prompt[r]]
+        resp = rb.response_ids[r][rb.response_mask[r].bool()].tolist()
+        hidden, logits = _full_forward(model, p, resp)
+        expected = F.normalize(hidden[pr.system_len :].mean(0), dim=-1)
+        torch.testing.assert_close(rb.embeddings[r], expected, atol=1e-5, rtol=1e-4)
+        t = float(rb.temperatures[r])
+        lp = (logits[len(p) - 1 : -1] / t).log_softmax(-1)
+        lp = lp.gather(-1, torch.tensor(resp)[:, None]).squeeze(-1)
+        torch.testing.assert_close(rb.logprobs[r][: len(resp)], lp, atol=1e-4, rtol=1e-4)
+        assert rb.finished[r] == (resp[-1] in engine.eos_ids)
+
+
+def test_engine_is_deterministic_for_a_seed(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=8)
+    runs = [
+        engine.generate(pr.encode(TEXTS), 2, 1.0, pr.system_len, torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    other = engine.generate(
+        pr.encode(TEXTS), 2, 1.0, pr.system_len, torch.Generator().manual_seed(4)
+    )
+    assert not torch.equal(runs[0].response_ids, other.response_ids)
+
+
+def test_engine_stops_rows_at_eos(smollm2_backbone):
+    model, tok = smollm2_backbone
+    pr = ChatPrompter(tok)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=40)
+    rb = engine.generate(
+        pr.encode(["Say only: yes."]), 2, 0.3, pr.system_len, torch.Generator().manual_seed(0)
+    )
+    for r in range(2):
+        n = int(rb.lengths[r])
+        if rb.finished[r]:
+            assert rb.response_ids[r, n - 1].item() in engine.eos_ids
+            assert (rb.response_mask[r, n:] == 0).all()
+        else:
+            assert n == 40
+
+
+def test_filter_logits_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert not torch.isinf(filter_logits(logits, top_p=1.0)).any()
+
+
+def test_shared_prompt_logprobs_and_grads_equal_full_sequence(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=10)
+    rb = engine.generate(
+        pr.encode(TEXTS[:2]), 3, 1.0, pr.system_len, torch.Generator().manual_seed(1)
+    )
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        logp, ent = response_logprobs(
+            model,
+            rb.prompt_ids,
+            rb.prompt_mask,
+            rb.response_ids,
+            rb.response_mask,
+            rb.row_to_prompt,
+            rb.temperatures,
+            share_prompt=share,
+            with_entropy=True,
+        )
+        (logp.sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logp.detach(), ent, grads.clone()))
+    model.zero_grad()
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
+    rel = (results[0][2] - results[1][2]).norm() / results[1][2].norm()
+    assert rel < 1e-4
+    # the rollout's own log-probs are the "old" log-probs: same numbers
+    torch.testing.assert_close(results[0][0], rb.logprobs * rb.response_mask, atol=1e-4, rtol=1e-4)
+
+
+def test_base_mode_pools_prompt_after_system(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    prompts = pr.encode(TEXTS)
+    emb = encode_prompts(model, prompts, pr.system_len, tok.pad_token_id, batch_size=2)
+    for i, p in enumerate(prompts):
+        hidden, _ = _full_forward(model, p, [])
+        torch.testing.assert_close(emb[i], hidden[pr.system_len :].mean(0), atol=1e-5, rtol=1e-4)
+    ids, mask = left_pad([[1, 2], [3]], pad_id=0)
+    assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
