@@ -71,12 +71,14 @@ class GraceModule(L.LightningModule):
             max_new_tokens=rollout["max_new_tokens"],
             top_p=rollout.get("top_p", 1.0),
             top_k=rollout.get("top_k", 0),
+            ignore_eos=rollout.get("ignore_eos", False),
         )
         self.ref_policy = None
         if algo.get("beta", 0.0) > 0:
             self.ref_policy = self._frozen_copy()
         self.seed = seed
-        self.table_path: Path | None = None  # set by the trainer script (run dir)
+        table = self.logging_cfg.get("table_path")
+        self.table_path = Path(table) if table else None  # rationale table (JSONL) in the run dir
 
     # ------------------------------------------------------------------ setup
     def _frozen_copy(self):
@@ -135,7 +137,8 @@ class GraceModule(L.LightningModule):
         timings["time/reward"] = time.perf_counter() - t0
 
         metrics = self.rollout_metrics(rollouts, terms, rewards, truncated)
-        finite = bool(torch.isfinite(rewards[~torch.isnan(rewards)]).all())
+        # raw reward terms must be finite (truncation="mask" adds NaNs on purpose afterwards)
+        finite = all(bool(torch.isfinite(t).all()) for t in terms.values())
         finite &= bool(torch.isfinite(advantages).all())
         if not finite:
             # a NaN/inf reward never reaches the optimiser: log it and skip this update
@@ -149,8 +152,8 @@ class GraceModule(L.LightningModule):
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
         metrics["update_skipped"] = 0.0
-        self.log_dict(metrics, on_step=True, prog_bar=False, batch_size=b)
-        self.log("reward", metrics["reward"], prog_bar=True, batch_size=b)
+        self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=b)
+        self.log_dict(metrics, on_step=True, batch_size=b)
         self.maybe_log_table(batch, rollouts, terms, rewards, advantages)
         return None
 

@@ -59,26 +59,129 @@ MAX_PASSAGE_CHARS = 600  # positives/negatives are cut at a sentence boundary be
 MIN_POSITIVE_SENTENCES = 2
 MAX_TRIPLETS_PER_ARTICLE = 40  # keeps the few very long articles from dominating
 MIN_SENTENCE_WORDS = 5
+MAX_NEGATIVE_OVERLAP = 0.15  # Jaccard of content words; above it a negative may be a paraphrase
 MAX_SENTENCE_WORDS = 80
 
 # sections that hold lists or references, not prose
 _SKIP_SECTIONS = {
-    "see also", "references", "notes", "external links", "further reading", "bibliography",
-    "sources", "citations", "footnotes", "gallery", "notes and references", "works cited",
-    "references and notes", "primary sources", "secondary sources", "works", "filmography",
-    "discography", "publications", "selected works", "awards",
+    "see also",
+    "references",
+    "notes",
+    "external links",
+    "further reading",
+    "bibliography",
+    "sources",
+    "citations",
+    "footnotes",
+    "gallery",
+    "notes and references",
+    "works cited",
+    "references and notes",
+    "primary sources",
+    "secondary sources",
+    "works",
+    "filmography",
+    "discography",
+    "publications",
+    "selected works",
+    "awards",
 }
 _DROP_LINK_PREFIXES = {
-    "file", "image", "category", "media", "wikt", "wiktionary", "wikipedia", "wp", "help",
-    "template", "portal", "commons", "user", "talk", "special", "meta", "s", "q", "n", "b", "v",
-    "voy", "wikisource", "wikiquote", "wikibooks", "simple",
+    "file",
+    "image",
+    "category",
+    "media",
+    "wikt",
+    "wiktionary",
+    "wikipedia",
+    "wp",
+    "help",
+    "template",
+    "portal",
+    "commons",
+    "user",
+    "talk",
+    "special",
+    "meta",
+    "s",
+    "q",
+    "n",
+    "b",
+    "v",
+    "voy",
+    "wikisource",
+    "wikiquote",
+    "wikibooks",
+    "simple",
 }
 _ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "c", "ca", "no", "vol",
-    "pp", "p", "gen", "col", "lt", "fr", "ft", "mt", "inc", "ltd", "co", "corp", "approx", "fl",
-    "b", "d", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov",
-    "dec", "prof", "rev", "sgt", "capt", "cf", "al", "ed", "eds", "op", "cit", "ibid", "u.s",
-    "u.k", "a.d", "b.c", "fig", "est", "dept", "univ", "ave", "rd", "gov", "sen", "rep",
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "st",
+    "jr",
+    "sr",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "c",
+    "ca",
+    "no",
+    "vol",
+    "pp",
+    "p",
+    "gen",
+    "col",
+    "lt",
+    "fr",
+    "ft",
+    "mt",
+    "inc",
+    "ltd",
+    "co",
+    "corp",
+    "approx",
+    "fl",
+    "b",
+    "d",
+    "jan",
+    "feb",
+    "mar",
+    "apr",
+    "jun",
+    "jul",
+    "aug",
+    "sep",
+    "sept",
+    "oct",
+    "nov",
+    "dec",
+    "prof",
+    "rev",
+    "sgt",
+    "capt",
+    "cf",
+    "al",
+    "ed",
+    "eds",
+    "op",
+    "cit",
+    "ibid",
+    "u.s",
+    "u.k",
+    "a.d",
+    "b.c",
+    "fig",
+    "est",
+    "dept",
+    "univ",
+    "ave",
+    "rd",
+    "gov",
+    "sen",
+    "rep",
 }
 
 
@@ -103,8 +206,7 @@ def find_source() -> Path:
         if path.exists():
             return path
     raise FileNotFoundError(
-        f"'{OFFLINE_PACKAGE}' is installed but has no {WIKI_FILE}; reinstall it with: "
-        f"{OFFLINE_PIP}"
+        f"'{OFFLINE_PACKAGE}' is installed but has no {WIKI_FILE}; reinstall it with: {OFFLINE_PIP}"
     )
 
 
@@ -222,9 +324,11 @@ def wikitext_to_sections(text: str) -> list[tuple[str, list[str]]]:
 
 
 def _tidy(text: str) -> str:
-    text = _EMPTY_PARENS.sub("", text)
-    text = re.sub(r"\(\s*[,;]\s*", "(", text)
+    """Mend what removed templates leave behind: "(; ; born 1879" -> "(born 1879", "(, x,)"."""
     text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\(\s*(?:[,;:]\s*)+", "(", text)
+    text = re.sub(r"(?:\s*[,;:])+\s*\)", ")", text)
+    text = _EMPTY_PARENS.sub("", text)
     text = re.sub(r"\s+([,.;:!?)])", r"\1", text)
     return text.strip()
 
@@ -240,9 +344,8 @@ def split_sentences(paragraph: str) -> list[str]:
         candidate = paragraph[start : m.start()].rstrip()
         last = candidate.split()[-1] if candidate.split() else ""
         word = last.rstrip(".!?\"')]").lstrip("\"'([").lower()
-        if (
-            last.endswith(".")
-            and (word in _ABBREVIATIONS or re.fullmatch(r"[a-z]|(?:[a-z]\.)+[a-z]?", word))
+        if last.endswith(".") and (
+            word in _ABBREVIATIONS or re.fullmatch(r"[a-z]|(?:[a-z]\.)+[a-z]?", word)
         ):
             continue  # "Dr. Smith", "J. R. R. Tolkien", "U.S. Army"
         pieces.append(paragraph[start : m.end()].strip())
@@ -261,7 +364,7 @@ def _good_sentence(s: str) -> bool:
         MIN_SENTENCE_WORDS <= n_words <= MAX_SENTENCE_WORDS
         and (s[0].isupper() or s[0].isdigit() or s[0] in "\"'(")
         and s[-1] in ".!?\"')"
-        and not re.search(r"[{}\[\]|<>=]|https?:|www\.|\s{2,}", s)
+        and not re.search(r"[{}\[\]|<>=]|https?:|www\.|\s{2,}|\(\s|\s\)", s)
     )
 
 
@@ -305,13 +408,30 @@ def load_articles(path: Path) -> list[Article]:
 # --------------------------------------------------------------------------- construction
 
 
+def _content_words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]{4,}", text.lower()))
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / max(1, len(a | b))
+
+
 def build_triplets(articles: list[Article], seed: int = DEFAULT_SEED) -> list[dict]:
-    """Inverse-Cloze-Task triplets with same-article, other-section hard negatives."""
+    """Inverse-Cloze-Task triplets with same-article, other-section hard negatives.
+
+    The lead section ("Introduction") is left out of the triplets: it summarises the body, so
+    a lead paragraph and a body paragraph often say the same thing (a false negative). For the
+    same reason a negative whose content words overlap the query + positive by more than
+    ``MAX_NEGATIVE_OVERLAP`` (Jaccard) is not used.
+    """
     rng = random.Random(seed)
     out: list[dict] = []
+    seen: set[str] = set()  # Wikipedia repeats some paragraphs: one triplet per query
     for ai, article in enumerate(articles):
         sections = [
-            [split_sentences(p) for p in paras] for _, paras in article.sections
+            [split_sentences(p) for p in paras]
+            for heading, paras in article.sections
+            if heading != "Introduction"
         ]
         candidates = []
         for si, paras in enumerate(sections):
@@ -323,19 +443,34 @@ def build_triplets(articles: list[Article], seed: int = DEFAULT_SEED) -> list[di
                     continue  # the first sentences alone are too long: skip
                 candidates.append((si, sents[0], positive))
         rng.shuffle(candidates)
-        for si, query, positive in candidates[:MAX_TRIPLETS_PER_ARTICLE]:
-            others = [p for sj, paras in enumerate(sections) if sj != si for p in paras]
+        # (section index, passage, its content words) of every body paragraph
+        passages = [
+            (sj, neg, _content_words(neg))
+            for sj, paras in enumerate(sections)
+            for neg in (_passage(p) for p in paras)
+        ]
+        used = 0
+        for si, query, positive in candidates:
+            if used == MAX_TRIPLETS_PER_ARTICLE:
+                break
+            if query in seen:
+                continue
+            seen.add(query)
+            used += 1
+            pos_words = _content_words(f"{query} {positive}")
+            others = [
+                neg
+                for sj, neg, words in passages
+                if sj != si and _jaccard(words, pos_words) <= MAX_NEGATIVE_OVERLAP
+            ]
             if others:
-                negative = _passage(rng.choice(others))
+                negative = rng.choice(others)
                 neg_title = article.title
-            else:  # single-section article: a paragraph of another article
-                aj = rng.choice([j for j in range(len(articles)) if j != ai])
-                other = articles[aj]
+            else:  # no usable other section: a paragraph of another article
+                other = articles[rng.choice([j for j in range(len(articles)) if j != ai])]
                 paras = [p for _, ps in other.sections for p in ps]
                 negative = _passage(split_sentences(rng.choice(paras)))
                 neg_title = other.title
-            if negative in (positive, query):
-                continue
             out.append(
                 {
                     "query": query,
@@ -404,9 +539,7 @@ def ensure_offline_default(
     sentences = build_sentences(articles, seed)
     if not triplets or not sentences:
         raise RuntimeError(f"offline dataset build from {source} produced no examples")
-    _write_atomic(
-        paths["sup"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets)
-    )
+    _write_atomic(paths["sup"], "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in triplets))
     _write_atomic(paths["unsup"], "".join(s + "\n" for s in sentences))
     info = {
         "version": BUILD_VERSION,

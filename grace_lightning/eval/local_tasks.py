@@ -359,22 +359,3 @@ def make_local_task(
             attrs[knob] = spec[knob]
     cls = type(str(name).replace("-", "_"), (TASK_CLASSES[task_type],), attrs)
     return cls(seed=seed)
-
-
-def make_local_tasks(
-    specs: Sequence[Mapping[str, Any]],
-    data_root: str | Path | None = None,
-    max_samples: int | None = None,
-    seed: int = 42,
-    only: Sequence[str] | None = None,
-) -> list:
-    """All tasks of a local suite (optionally ``only`` some of them, by name)."""
-    names = [s["name"] for s in specs]
-    if only:
-        from grace_lightning.eval.suites import unknown_task_error
-
-        for n in only:
-            if n not in names:
-                raise unknown_task_error(n, names)
-        specs = [s for s in specs if s["name"] in only]
-    return [make_local_task(s, data_root, max_samples, seed) for s in specs]

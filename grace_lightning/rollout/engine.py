@@ -117,6 +117,7 @@ class HFRolloutEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         eos_token_ids: list[int] | None = None,
+        ignore_eos: bool = False,
     ):
         from grace_lightning.models.backbone import eos_token_ids as _eos
 
@@ -126,6 +127,7 @@ class HFRolloutEngine:
         self.top_p = top_p
         self.top_k = top_k
         self.eos_ids = eos_token_ids or _eos(model, tokenizer)
+        self.ignore_eos = ignore_eos  # always run max_new_tokens (benchmarks; vLLM's ignore_eos)
         self.pad_id = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -190,7 +192,7 @@ class HFRolloutEngine:
             resp[active, t] = tok
             resp_mask[active, t] = 1
             logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
-            ended = torch.isin(tok, eos)
+            ended = torch.isin(tok, eos) & (not self.ignore_eos)
 
             # 4. feed it back: next logits + its hidden state for the embedding
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=-1)

@@ -1,0 +1,373 @@
+"""``GraceDataModule``: GRACE's training data as raw texts for the policy's rollouts.
+
+Mirrors the upstream data pipeline (GasolSun36/GRACE ``process_data.py`` +
+``offline_filter_data.py``; paper notes §4):
+
+1. read the supervised triplets (``query``/``positive``/``negative``) or the unsupervised
+   sentences, optionally only the first ``max_examples`` (upstream ``--max_samples``);
+2. hold out the FIRST ``int(n * val_fraction)`` examples, unshuffled, as validation
+   (upstream ``--test_ratio 0.01``);
+3. drop examples whose chat-templated POLICY prompt is longer than ``max_prompt_tokens``
+   (upstream 1024, counted with the policy's tokenizer, on both splits). The policy prompt
+   is the positive in supervised mode (upstream "main") and the sentence in unsupervised
+   mode; queries and negatives are not filtered (upstream right-truncates them).
+
+Steps 1-2 run in :meth:`GraceDataModule.load` without a tokenizer, so ``train.py`` can fail
+fast on bad data before a model loads; step 3 runs when the caller hands a token counter to
+:meth:`GraceDataModule.filter_by_length`.
+
+Batches are raw strings: ``{"query": [...], "positive": [...], "negatives": [[...], ...]}``
+(sup) or ``{"text": [...]}`` (unsup), ``prompts_per_step`` examples each (per device), shuffled
+by a resumable, rank-sharded sampler (:mod:`grace_lightning.data.sampler`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from grace_lightning.data.offline import ensure_offline_default
+from grace_lightning.data.readers import (
+    DataError,
+    ReadReport,
+    Triplet,
+    load_hub_sentences,
+    load_hub_triplets,
+    read_sentences,
+    read_triplets,
+)
+from grace_lightning.data.sampler import (
+    ResumableDataLoader,
+    ResumableSampler,
+    default_rank_world_size,
+)
+
+log = logging.getLogger(__name__)
+
+MODES = {"sup": "sup", "supervised": "sup", "unsup": "unsup", "unsupervised": "unsup"}
+KINDS = ("jsonl", "txt", "hub", "offline")
+# keys a source spec may have (anything else is a typo and an error)
+SOURCE_KEYS = {
+    "kind",
+    "path",
+    "format",
+    "query_field",
+    "positive_field",
+    "negative_field",
+    "text_field",
+    "hub_id",
+    "name",
+    "split",
+    "load_kwargs",
+}
+TOKEN_COUNT_CHUNK = 4096  # texts per call of the token counter
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over an in-memory list of examples."""
+
+    def __init__(self, examples: Sequence[Any]) -> None:
+        self.examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.examples[index]
+
+
+def collate_triplets(batch: list[Triplet]) -> dict[str, list]:
+    return {
+        "query": [t.query for t in batch],
+        "positive": [t.positive for t in batch],
+        "negatives": [list(t.negatives) for t in batch],
+    }
+
+
+def collate_sentences(batch: list[str]) -> dict[str, list[str]]:
+    return {"text": list(batch)}
+
+
+def policy_text(example: Triplet | str) -> str:
+    """The text the policy writes a rationale for: the positive (sup) or the sentence."""
+    return example.positive if isinstance(example, Triplet) else example
+
+
+def _plain(obj: Any) -> Any:
+    """DictConfig/ListConfig (or any mapping) -> plain dict/list, recursively."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class GraceDataModule(LightningDataModule):
+    """GRACE training data (see module doc). All arguments come from ``conf/data/*.yaml``.
+
+    Args:
+        mode: ``sup`` (triplets) or ``unsup`` (sentences); only that source is read.
+        sup / unsup: source specs: ``kind`` (``jsonl`` | ``txt`` | ``hub`` | ``offline``),
+            ``path`` (relative paths resolve against ``root``), field names
+            (``query_field``, ``positive_field``, ``negative_field`` -- null for none --,
+            ``text_field``), ``format`` (sentences: auto | txt | jsonl), and for ``hub``:
+            ``hub_id``, ``name`` (config), ``split``, ``load_kwargs``.
+        root: data root for relative paths (default: the current directory).
+        on_error: ``raise`` on the first bad line, or ``skip`` bad lines and report counts.
+        max_examples: read only the first N valid examples (None: all).
+        val_fraction: the first ``int(n * val_fraction)`` examples, unshuffled, are held out
+            (paper/upstream 0.01).
+        prompts_per_step: policy prompts per rollout batch on each device = the train
+            dataloader batch size (upstream ``train_batch_size=64`` over all GPUs).
+        max_prompt_tokens: keep examples whose chat-templated policy prompt has at most this
+            many tokens (paper/upstream 1024); applied by :meth:`filter_by_length`. None or 0
+            disables it.
+        seed: shuffling seed (the order is a function of seed and epoch only).
+        num_workers: DataLoader worker processes (0: load in the main process).
+        rank / world_size: DDP sharding; default from the Trainer, else torch.distributed.
+        val_batch_size: validation batch size (default ``prompts_per_step``).
+    """
+
+    def __init__(
+        self,
+        mode: str = "sup",
+        sup: Mapping[str, Any] | None = None,
+        unsup: Mapping[str, Any] | None = None,
+        root: str | Path | None = None,
+        on_error: str = "raise",
+        max_examples: int | None = None,
+        val_fraction: float = 0.01,
+        prompts_per_step: int = 8,
+        max_prompt_tokens: int | None = 1024,
+        seed: int = 0,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        val_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data.mode={mode!r}: use 'sup' or 'unsup'")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={on_error!r}: use 'raise' or 'skip'")
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if int(prompts_per_step) < 1:
+            raise ValueError(f"data.prompts_per_step={prompts_per_step}: must be >= 1")
+        self.mode = MODES[mode]
+        self.sources = {
+            "sup": _plain(sup) if sup is not None else {"kind": "offline"},
+            "unsup": _plain(unsup) if unsup is not None else {"kind": "offline"},
+        }
+        self.root = Path(root) if root is not None else None
+        self.on_error = on_error
+        self.max_examples = max_examples
+        self.val_fraction = float(val_fraction)
+        self.prompts_per_step = int(prompts_per_step)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.seed = int(seed)
+        self.num_workers = int(num_workers)
+        self.rank = rank
+        self.world_size = world_size
+        self.val_batch_size = int(val_batch_size or prompts_per_step)
+
+        self.train_examples: list[Any] = []
+        self.val_examples: list[Any] = []
+        self.read_report: ReadReport | None = None
+        self.length_report: dict[str, Any] | None = None
+        self._loaded = False
+
+    # ------------------------------------------------------------------ reading
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """Relative paths are taken relative to ``root`` (when set)."""
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.root is not None:
+            p = self.root.expanduser() / p
+        return p
+
+    def _source_spec(self) -> dict[str, Any]:
+        spec = dict(self.sources[self.mode])
+        unknown = set(spec) - SOURCE_KEYS
+        if unknown:
+            raise ValueError(
+                f"data.{self.mode}: unknown keys {sorted(unknown)}; allowed: {sorted(SOURCE_KEYS)}"
+            )
+        kind = spec.get("kind", "jsonl" if self.mode == "sup" else "txt")
+        if kind not in KINDS:
+            raise ValueError(f"data.{self.mode}.kind={kind!r}: use one of {KINDS}")
+        if kind == "txt" and self.mode == "sup":
+            raise ValueError("data.sup.kind=txt: supervised triplets need jsonl, hub or offline")
+        if kind in ("jsonl", "txt") and not spec.get("path"):
+            raise ValueError(f"data.{self.mode}.path is required for kind={kind}")
+        if kind == "hub" and not spec.get("hub_id"):
+            raise ValueError(f"data.{self.mode}.hub_id is required for kind=hub")
+        spec["kind"] = kind
+        return spec
+
+    def read_examples(self) -> tuple[list[Any], ReadReport]:
+        """Read and validate the configured source of the current mode (no split)."""
+        spec = self._source_spec()
+        kind = spec["kind"]
+        common = dict(on_error=self.on_error, max_examples=self.max_examples)
+        if kind == "hub":
+            hub = dict(
+                name=spec.get("name"),
+                split=spec.get("split", "train"),
+                **common,
+                **(spec.get("load_kwargs") or {}),
+            )
+            if self.mode == "sup":
+                return load_hub_triplets(spec["hub_id"], **_triplet_fields(spec), **hub)
+            return load_hub_sentences(
+                spec["hub_id"], text_field=spec.get("text_field", "text"), **hub
+            )
+        if kind == "offline":
+            path = ensure_offline_default()[self.mode]
+        else:
+            path = self.resolve_path(spec["path"])
+        if self.mode == "sup":
+            return read_triplets(path, **_triplet_fields(spec), **common)
+        fmt = spec.get("format") or {"txt": "txt", "jsonl": "jsonl"}.get(kind, "auto")
+        return read_sentences(path, format=fmt, text_field=spec.get("text_field", "text"), **common)
+
+    def load(self) -> None:
+        """Read, validate and split (no tokenizer needed). Raises :class:`DataError` on bad
+        data. Safe to call more than once."""
+        if self._loaded:
+            return
+        examples, report = self.read_examples()
+        self.read_report = report
+        if report.skipped:
+            log.warning("data: %s; first problems: %s", report.summary(), report.messages)
+        else:
+            log.info("data: %s", report.summary())
+        n_val = int(len(examples) * self.val_fraction)  # upstream split_dataset()
+        self.val_examples = examples[:n_val]
+        self.train_examples = examples[n_val:]
+        if not self.train_examples:
+            raise DataError(
+                f"{report.source}: no training examples left after holding out {n_val} for "
+                f"validation",
+                source=report.source,
+            )
+        self._loaded = True
+        log.info("data (%s): %d train, %d val examples", self.mode, len(self.train_examples), n_val)
+
+    def filter_by_length(
+        self,
+        count_tokens: Callable[[list[str]], list[int]],
+        max_tokens: int | None = None,
+    ) -> dict[str, Any]:
+        """Keep examples whose policy prompt has at most ``max_tokens`` tokens (default
+        ``max_prompt_tokens``), on both splits, as upstream ``offline_filter_data.py``.
+
+        ``count_tokens`` maps raw policy texts to the token counts of their chat-templated
+        prompts (system prompt + text, generation prompt added); the caller builds it from
+        the policy tokenizer. Returns (and stores in ``length_report``) kept/dropped counts.
+        """
+        self.load()
+        limit = self.max_prompt_tokens if max_tokens is None else max_tokens
+        report: dict[str, Any] = {"max_tokens": limit}
+        if not limit:
+            report.update(dropped_train=0, dropped_val=0, disabled=True)
+            self.length_report = report
+            return report
+        for split in ("train", "val"):
+            examples = getattr(self, f"{split}_examples")
+            counts: list[int] = []
+            texts = [policy_text(e) for e in examples]
+            for i in range(0, len(texts), TOKEN_COUNT_CHUNK):
+                chunk = texts[i : i + TOKEN_COUNT_CHUNK]
+                got = list(count_tokens(chunk))
+                if len(got) != len(chunk):
+                    raise ValueError(
+                        f"count_tokens returned {len(got)} counts for {len(chunk)} texts"
+                    )
+                counts.extend(int(c) for c in got)
+            kept = [e for e, c in zip(examples, counts) if c <= limit]
+            setattr(self, f"{split}_examples", kept)
+            report[f"kept_{split}"] = len(kept)
+            report[f"dropped_{split}"] = len(examples) - len(kept)
+            report[f"max_tokens_seen_{split}"] = max(counts, default=0)
+        self.length_report = report
+        log.info(
+            "data: length filter (<= %d prompt tokens) dropped %d train and %d val examples",
+            limit,
+            report["dropped_train"],
+            report["dropped_val"],
+        )
+        if not self.train_examples:
+            raise DataError(
+                f"no training example has a policy prompt of <= {limit} tokens "
+                f"(longest seen: {report['max_tokens_seen_train']})"
+            )
+        return report
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load()
+
+    def _rank_world_size(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            rank = trainer.global_rank if rank is None else rank
+            world = trainer.world_size if world is None else world
+        if rank is None or world is None:
+            default_rank, default_world = default_rank_world_size()
+            rank = default_rank if rank is None else rank
+            world = default_world if world is None else world
+        return int(rank), int(world)
+
+    def _collate(self) -> Callable[[list[Any]], dict[str, list]]:
+        return collate_triplets if self.mode == "sup" else collate_sentences
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        self.load()
+        rank, world = self._rank_world_size()
+        dataset = ListDataset(self.train_examples)
+        sampler = ResumableSampler(dataset, seed=self.seed, rank=rank, world_size=world)
+        if len(sampler) < self.prompts_per_step:
+            raise DataError(
+                f"{len(self.train_examples)} training examples give {len(sampler)} per device "
+                f"(world size {world}), fewer than prompts_per_step={self.prompts_per_step}: "
+                f"no full batch"
+            )
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.prompts_per_step,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The held-out first ``val_fraction`` in file order; ``[]`` (no validation) when
+        empty. Under DDP Lightning shards it with its own non-shuffling sampler."""
+        self.load()
+        if not self.val_examples:
+            return []
+        return DataLoader(
+            ListDataset(self.val_examples),
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            drop_last=False,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,
+        )
+
+
+def _triplet_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(
+        query_field=spec.get("query_field", "query"),
+        positive_field=spec.get("positive_field", "positive"),
+        negative_field=spec.get("negative_field", "negative"),
+    )

@@ -1,0 +1,372 @@
+"""`GraceEncoder`: a GRACE policy used as a text encoder, shaped like sentence-transformers.
+
+GRACE (arXiv 2510.04506) embeds a text as the mean of the policy's last-layer hidden states over
+the chat-templated text and a generated rationale, system prompt excluded (notes §3.3). Two modes:
+
+- ``base``: no rationale, the mean over the prompt after the system prompt (the paper's Base row);
+- ``rationale``: sample a rationale, then pool over text + rationale ("w/ reasoning" on a base
+  model, GRACE on a trained one). Upstream eval: temperature 1.0, top-p 1.0, up to 2048 new tokens,
+  prompts cut to 1024 tokens, no L2 normalisation (notes §4).
+
+Rationales are seeded per text (:func:`grace_lightning.eval.sampling.text_seed`), so they do not
+depend on batching, and stored in a :class:`~grace_lightning.eval.cache.RationaleCache`.
+
+    enc = GraceEncoder.from_backbone(BackboneConfig(), mode="rationale", max_new_tokens=256)
+    vecs, why = enc.encode(["A man is playing a guitar."], return_rationales=True)
+
+The ``encode`` signature follows ``SentenceTransformer.encode`` (batch_size, show_progress_bar,
+normalize_embeddings, convert_to_numpy / convert_to_tensor, a single string gives a 1-D vector);
+``prompt_type`` ("query" / "document") picks a system prompt from ``prompts`` (default: the same
+prompt for both, as upstream).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from grace_lightning.eval.cache import (
+    CachedRationale,
+    RationaleCache,
+    dir_fingerprint,
+    rationale_key,
+    state_dict_fingerprint,
+)
+from grace_lightning.eval.rundir import RunDirError, check_export_dir, find_export_dir
+from grace_lightning.eval.sampling import sample_rationales, text_seed
+from grace_lightning.models.backbone import BackboneConfig, eos_token_ids, load_backbone
+from grace_lightning.prompts import DEFAULT_SYSTEM_PROMPT, ChatPrompter
+
+log = logging.getLogger(__name__)
+
+MODES = ("base", "rationale")
+
+
+@dataclass
+class GenerationSettings:
+    """How rationales are sampled (paper/upstream eval: T=1.0, top_p=1.0, 2048 new tokens)."""
+
+    temperature: float = 1.0  # <= 0: greedy
+    max_new_tokens: int = 2048
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0  # per-text seeds derive from it (sampling.text_seed)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class HubUnavailableError(RuntimeError):
+    """A Hub id was asked for but the Hub cannot be reached."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+class GraceEncoder:
+    """Encode texts with a GRACE policy (see module docstring)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        mode: str = "rationale",
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        prompts: dict[str, str | None] | None = None,
+        max_prompt_tokens: int = 1024,
+        generation: GenerationSettings | dict | None = None,
+        cache: RationaleCache | str | Path | None = None,
+        name: str = "grace",
+        source_dir: str | Path | None = None,
+        fingerprint: str | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.system_prompt = system_prompt
+        self.prompts = dict(prompts or {})
+        self.max_prompt_tokens = max_prompt_tokens
+        if isinstance(generation, dict):
+            generation = GenerationSettings(**generation)
+        self.generation = generation or GenerationSettings()
+        self.cache = RationaleCache(cache) if isinstance(cache, str | Path) else cache
+        self.name = name
+        self.source_dir = Path(source_dir) if source_dir else None
+        self._fingerprint = fingerprint
+        self._prompters: dict[str | None, ChatPrompter] = {}
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.stats = {"generated": 0, "cached": 0, "generate_calls": 0}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: BackboneConfig | dict,
+        device: str | None = None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> GraceEncoder:
+        """A backbone config (``conf/backbone/*.yaml``): the embedded default, tiny, a Hub id."""
+        cfg = backbone if isinstance(backbone, BackboneConfig) else BackboneConfig(**dict(backbone))
+        if dtype:
+            cfg.dtype = dtype
+        if cfg.source == "hub" and cfg.pretrained and not Path(cfg.pretrained).exists():
+            _check_hub(cfg.pretrained)
+        try:
+            model, tokenizer = load_backbone(cfg, device=device or default_device())
+        except OSError as e:
+            if cfg.source == "hub" and not Path(str(cfg.pretrained)).exists():
+                raise HubUnavailableError(_hub_message(cfg.pretrained, e)) from e
+            raise
+        source_dir = None
+        if cfg.source == "gguf":
+            from grace_lightning.models.backbone import convert_gguf
+
+            source_dir = convert_gguf(cfg)
+        elif cfg.source == "hub" and Path(str(cfg.pretrained)).is_dir():
+            source_dir = Path(cfg.pretrained)
+        kwargs.setdefault("name", cfg.name)
+        return cls(model, tokenizer, source_dir=source_dir, **kwargs)
+
+    @classmethod
+    def from_run_dir(
+        cls, path: str | Path, device: str | None = None, dtype: str | None = None, **kwargs: Any
+    ) -> GraceEncoder:
+        """A training run dir (``<run>/export/``) or an export dir itself.
+
+        The export (``ExportPolicy``) is a ``save_pretrained`` model + tokenizer and a
+        ``grace_config.json`` with the system prompt used in training. Files are checked first,
+        so a missing or half-written file gives an error naming it.
+        """
+        export = find_export_dir(path)
+        grace_cfg = check_export_dir(export)
+        cfg = BackboneConfig(
+            name=str(grace_cfg.get("backbone") or Path(path).resolve().name),
+            source="hub",
+            pretrained=str(export),
+            dtype=dtype or _saved_dtype(export),
+        )
+        try:
+            model, tokenizer = load_backbone(cfg, device=device or default_device())
+        except Exception as e:  # transformers' errors name internals, not the file at fault
+            raise RunDirError(f"{export}: could not load the exported model: {e}") from e
+        kwargs.setdefault("system_prompt", grace_cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
+        kwargs.setdefault("max_prompt_tokens", int(grace_cfg.get("max_prompt_tokens", 1024)))
+        kwargs.setdefault("name", Path(path).resolve().name)
+        return cls(model, tokenizer, source_dir=export, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, hub_id_or_dir: str | Path, **kwargs: Any) -> GraceEncoder:
+        """A local directory (run / export / plain HF model dir) or a Hugging Face Hub id."""
+        if Path(hub_id_or_dir).exists():
+            return cls.from_run_dir(hub_id_or_dir, **kwargs)
+        name = str(hub_id_or_dir).rstrip("/").split("/")[-1]
+        backbone = BackboneConfig(name=name, source="hub", pretrained=str(hub_id_or_dir))
+        if "dtype" not in kwargs or kwargs["dtype"] is None:
+            kwargs["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
+        return cls.from_backbone(backbone, **kwargs)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (memoised per model dir in the cache; else of the state dict)."""
+        if self._fingerprint is None:
+            if self.source_dir is not None:
+                self._fingerprint = dir_fingerprint(self.source_dir, self.cache)
+            else:
+                self._fingerprint = state_dict_fingerprint(self.model)
+        return self._fingerprint
+
+    def prompter(self, prompt_type: str | None = None) -> ChatPrompter:
+        system_prompt = self.prompts.get(prompt_type) if prompt_type else None
+        system_prompt = system_prompt or self.system_prompt
+        if system_prompt not in self._prompters:
+            self._prompters[system_prompt] = ChatPrompter(
+                self.tokenizer,
+                system_prompt=system_prompt,
+                max_prompt_tokens=self.max_prompt_tokens,
+            )
+        return self._prompters[system_prompt]
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides model, prompt and text that changes a cached rationale."""
+        return {
+            **asdict(self.generation),
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "dtype": str(self.dtype),
+            "pooling": "mean(prompt[system_len:] + response incl. EOS), unnormalised",
+        }
+
+    # ------------------------------------------------------------------ encode
+    def encode(
+        self,
+        texts: str | list[str],
+        batch_size: int = 16,
+        show_progress_bar: bool | None = None,
+        normalize_embeddings: bool = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        prompt_type: str | None = None,
+        return_rationales: bool = False,
+        mode: str | None = None,
+    ):
+        """Embed ``texts``: (N, D) (1-D for a single string), float32.
+
+        ``return_rationales=True`` returns ``(embeddings, rationales)``; rationales are ``None``
+        in base mode. ``mode`` overrides the encoder's mode for this call.
+        """
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        mode = mode or self.mode
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        if show_progress_bar is None:
+            show_progress_bar = log.getEffectiveLevel() <= logging.INFO
+        prompter = self.prompter(prompt_type)
+        if mode == "base":
+            emb = self._encode_base(texts, prompter, batch_size, show_progress_bar)
+            rationales: list[str | None] = [None] * len(texts)
+        else:
+            emb, rationales = self._encode_rationale(texts, prompter, batch_size, show_progress_bar)
+        if normalize_embeddings:
+            emb = F.normalize(emb, dim=-1)
+        if single:
+            emb, rationales = emb[0], rationales[0]
+        out = emb if convert_to_tensor or not convert_to_numpy else emb.numpy()
+        return (out, rationales) if return_rationales else out
+
+    def rationales(self, texts: list[str], batch_size: int = 16, **kwargs: Any) -> list[str]:
+        """Just the rationales (generated or cached)."""
+        return self.encode(texts, batch_size, return_rationales=True, mode="rationale", **kwargs)[1]
+
+    def similarity(self, a, b) -> torch.Tensor:
+        """Cosine similarity matrix (the paper's and upstream's similarity)."""
+        a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+        return (
+            F.normalize(a.reshape(-1, a.shape[-1]), dim=-1)
+            @ F.normalize(b.reshape(-1, b.shape[-1]), dim=-1).T
+        )
+
+    # ------------------------------------------------------------------ internals
+    def _pool(self, seqs: list[list[int]], system_len: int) -> torch.Tensor:
+        from grace_lightning.embedding import encode_prompts
+
+        return encode_prompts(
+            self.model, seqs, system_len, self.tokenizer.pad_token_id, batch_size=len(seqs)
+        ).float()
+
+    def _encode_base(self, texts, prompter, batch_size, show) -> torch.Tensor:
+        prompt_ids = prompter.encode(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(prompt_ids[i]))
+        out: list[torch.Tensor | None] = [None] * len(texts)
+        with tqdm(total=len(texts), desc="Encoding (base)", unit="text", disable=not show) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                vecs = self._pool([prompt_ids[i] for i in idx], prompter.system_len)
+                for i, v in zip(idx, vecs):
+                    out[i] = v
+                bar.update(len(idx))
+        return torch.stack(out) if out else torch.empty(0)
+
+    def _encode_rationale(self, texts, prompter, batch_size, show):
+        settings = self.settings()
+        sp = prompter.system_prompt
+        keys = [rationale_key(self.fingerprint, sp, t, settings) for t in texts]
+        unique = dict(zip(keys, texts))  # key -> text (duplicates generate once)
+        found = self.cache.get_many(unique) if self.cache is not None else {}
+        todo = [k for k in unique if k not in found or found[k].embedding is None]
+        self.stats["cached"] += len(unique) - len(todo)
+
+        if todo:
+            prompt_ids = dict(zip(todo, prompter.encode([unique[k] for k in todo])))
+            todo.sort(key=lambda k: -len(prompt_ids[k]))  # longest first: OOM shows up early
+            with tqdm(
+                total=len(todo), desc="Generating rationales", unit="text", disable=not show
+            ) as bar:
+                for start in range(0, len(todo), batch_size):
+                    chunk = todo[start : start + batch_size]
+                    new = self._generate(chunk, prompt_ids, unique, prompter.system_len)
+                    found.update(new)
+                    if self.cache is not None:
+                        self.cache.put_many({k: (unique[k], new[k]) for k in chunk})
+                    bar.update(len(chunk))
+        emb = torch.stack([torch.from_numpy(np.array(found[k].embedding)) for k in keys])
+        return emb.float(), [found[k].rationale for k in keys]
+
+    def _generate(self, keys, prompt_ids, texts, system_len) -> dict[str, CachedRationale]:
+        g = self.generation
+        out = sample_rationales(
+            self.model,
+            [prompt_ids[k] for k in keys],
+            [text_seed(g.seed, texts[k]) for k in keys],
+            system_len=system_len,
+            pad_id=self.tokenizer.pad_token_id,
+            eos_ids=self.eos_ids,
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+        )
+        self.stats["generate_calls"] += 1
+        self.stats["generated"] += len(keys)
+        return {
+            k: CachedRationale(
+                rationale=self.tokenizer.decode(ids, skip_special_tokens=True),
+                response_ids=ids,
+                finished=fin,
+                embedding=vec.numpy().astype(np.float32),
+            )
+            for k, ids, fin, vec in zip(keys, out.response_ids, out.finished, out.pooled)
+        }
+
+
+def _saved_dtype(export: Path) -> str:
+    """The dtype the export was saved in (bf16 exports stay bf16 on GPU; CPU computes in fp32)."""
+    import json
+
+    if not torch.cuda.is_available():
+        return "float32"
+    cfg = json.loads((export / "config.json").read_text())
+    return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
+
+
+def _hub_message(hub_id: str, err: Exception | None = None) -> str:
+    why = f" ({type(err).__name__}: {err})" if err else ""
+    return (
+        f"model={hub_id!r} is neither a local path nor a known backbone name, so it is read as a "
+        f"Hugging Face Hub id, and the Hub cannot be reached{why}. Offline, use model=smollm2 "
+        f"(embedded default), model=tiny, or a local run/export dir."
+    )
+
+
+def _check_hub(hub_id: str) -> None:
+    if hub_offline():
+        try:  # offline mode still serves ids already in the local HF cache
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+                return
+        except Exception:
+            pass
+        raise HubUnavailableError(_hub_message(hub_id, None) + " (HF_HUB_OFFLINE is set)")
