@@ -72,9 +72,10 @@ def run_grace(args) -> dict:
     out = tempfile.mkdtemp(prefix="bench-")
     cfg = compose(args, out)
     t0 = time.perf_counter()
-    _, objects = train(cfg)
+    train(cfg)
     wall = time.perf_counter() - t0
-    rows = list(csv.DictReader(open(next(Path(out).rglob("metrics.csv")))))
+    with open(next(Path(out).rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
     steps = [r for r in rows if r.get("time/rollout")]
     keep = steps[1:] or steps  # first step warms up
     med = {

@@ -13,6 +13,7 @@ self-anchor. Embeddings come from the rollout loop itself (see ``rollout/engine.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -45,6 +46,7 @@ class GraceModule(L.LightningModule):
         algo: dict,
         optim: dict,
         logging_cfg: dict | None = None,
+        peft: dict | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
     ):
@@ -62,6 +64,9 @@ class GraceModule(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
             self.policy.config.use_cache = False
+        self.peft_cfg = dict(peft or {})
+        if self.peft_cfg:
+            self.policy = wrap_lora(self.policy, self.peft_cfg)
         self.prompter = ChatPrompter(
             self.tokenizer, prompt.get("system_prompt"), prompt.get("max_prompt_tokens", 1024)
         )
@@ -74,8 +79,10 @@ class GraceModule(L.LightningModule):
             ignore_eos=rollout.get("ignore_eos", False),
         )
         self.ref_policy = None
-        if algo.get("beta", 0.0) > 0:
-            self.ref_policy = self._frozen_copy()
+        if algo.get("beta", 0.0) > 0 and not self.peft_cfg:
+            self.ref_policy = (
+                self._frozen_copy()
+            )  # with LoRA the reference is the base, adapters off
         self.seed = seed
         table = self.logging_cfg.get("table_path")
         self.table_path = Path(table) if table else None  # rationale table (JSONL) in the run dir
@@ -103,6 +110,15 @@ class GraceModule(L.LightningModule):
         g = torch.Generator(device=self.device)
         g.manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
         return g
+
+    @contextmanager
+    def _reference(self):
+        """The KL reference: a frozen copy, or with LoRA the same model with adapters disabled."""
+        if self.ref_policy is not None:
+            yield self.ref_policy
+        else:
+            with self.policy.disable_adapter():
+                yield self.policy
 
     @contextmanager
     def _eval_mode(self):
@@ -252,11 +268,9 @@ class GraceModule(L.LightningModule):
                 0
             ].detach()
         ref_logp = None
-        if self.ref_policy is not None:
-            with torch.no_grad():
-                ref_logp = self._logprobs(self.ref_policy, ro, torch.arange(b, device=self.device))[
-                    0
-                ]
+        if a.get("beta", 0.0) > 0:
+            with torch.no_grad(), self._reference() as ref:
+                ref_logp = self._logprobs(ref, ro, torch.arange(b, device=self.device))[0]
         stats: dict[str, list[float]] = {}
         for _ in range(a.get("num_iterations", 1)):
             for start in range(0, b, groups_per_mb):
@@ -392,8 +406,9 @@ class GraceModule(L.LightningModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         model = self.policy
-        if hasattr(model, "merge_and_unload"):  # PEFT: merge the adapter into the weights
-            model = model.merge_and_unload()
+        if self.peft_cfg:  # PEFT: save the adapter alone, then a merged plain model
+            model.save_pretrained(directory / "adapter")
+            model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
         meta = {
@@ -407,9 +422,25 @@ class GraceModule(L.LightningModule):
                 if k in self.rollout_cfg
             },
             "global_step": int(self.global_step),
+            "peft": self.peft_cfg or None,
         }
         (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
         return directory
+
+
+def wrap_lora(model, cfg: dict):
+    """Wrap the policy with LoRA adapters (PEFT)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=cfg.get("r", 16),
+        lora_alpha=cfg.get("lora_alpha", 32),
+        lora_dropout=cfg.get("lora_dropout", 0.05),
+        target_modules=list(cfg["target_modules"]),
+        bias=cfg.get("bias", "none"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 def _select_rows(out: RolloutBatch, rows: torch.Tensor, num_prompts: int) -> RolloutBatch:

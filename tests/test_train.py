@@ -49,6 +49,8 @@ TINY = [
     "rollout.max_new_tokens=6",
     "prompt.max_prompt_tokens=96",
     "optim.lr=1e-3",
+    "optim.weight_decay=0",  # parameters must move by the policy gradient alone
+    "reward.truncation=off",  # a random tiny model never stops; keep the reward signal
     "trainer.max_steps=2",
     "trainer.enable_progress_bar=false",
     "logger=csv",
@@ -208,3 +210,27 @@ def test_experiment_alone_selects_its_reward(experiment, mode, tmp_path):
     assert cfg.reward.mode == mode and cfg.data.mode == mode
     if mode == "unsup":
         assert cfg.reward.cross_group == "paper"
+
+
+def test_lora_run_trains_adapters_only_and_exports_merged_and_adapter(tmp_path):
+    cfg = make_cfg(
+        [*TINY, "reward=sup", "peft=lora", "algo.beta=0.1", "trainer.max_steps=1"], tmp_path
+    )
+    _, objects = train(cfg)
+    policy = objects["model"].policy
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    b_weights = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in b_weights), "LoRA B starts at zero; a step must move it"
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
+    base = objects["model"].policy.get_base_model()
+    # merged q_proj = base + B A * scale: differs from the un-merged base weights
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight
+    q_base = base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(q_merged, q_base)
+    header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "kl" in header.split(",")

@@ -59,6 +59,7 @@ class GenerationSettings:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int = 0  # per-text seeds derive from it (sampling.text_seed)
+    ignore_eos: bool = False  # always generate max_new_tokens (benchmarks; vLLM's ignore_eos)
 
 
 def default_device() -> str:
@@ -322,7 +323,7 @@ class GraceEncoder:
             [text_seed(g.seed, texts[k]) for k in keys],
             system_len=system_len,
             pad_id=self.tokenizer.pad_token_id,
-            eos_ids=self.eos_ids,
+            eos_ids=[] if g.ignore_eos else self.eos_ids,
             max_new_tokens=g.max_new_tokens,
             temperature=g.temperature,
             top_p=g.top_p,

@@ -211,7 +211,7 @@ class LocalRetrievalTask(_LocalTask, AbsTaskRetrieval):
 class LocalClassificationTask(_LocalTask, AbsTaskClassification):
     """Logistic regression on ``samples_per_label`` train embeddings per label (mteb's protocol,
     ``n_experiments`` times). The test split is a file, or a stratified seeded split of the train
-    file (``test_fraction``, ``split_seed``). ``max_samples`` caps the test split."""
+    file (``test_fraction``, ``split_seed``). ``max_samples`` caps both splits."""
 
     def load_data(self, num_proc: int | None = None, **kwargs: Any) -> None:
         if self.data_loaded:
@@ -229,7 +229,9 @@ class LocalClassificationTask(_LocalTask, AbsTaskClassification):
             )
             test_rows = [train_rows[i] for i in test_idx]
             train_rows = [train_rows[i] for i in train_idx]
-        test_rows = [test_rows[i] for i in _subsample(len(test_rows), self._limit(), self.seed)]
+        limit = self._limit()
+        test_rows = [test_rows[i] for i in _subsample(len(test_rows), limit, self.seed)]
+        train_rows = [train_rows[i] for i in _subsample(len(train_rows), limit, self.seed + 1)]
         ids, _ = _label_ids([r[label] for r in train_rows + test_rows])
         n_train = len(train_rows)
         self.dataset = DatasetDict(

@@ -31,6 +31,10 @@ CATEGORY_COLUMNS: dict[str, str] = {
 }
 
 
+# suite-level settings of a local suite that apply to every task of the matching type
+_SUITE_KNOBS = ("n_experiments", "samples_per_label", "n_clusters")
+
+
 class UnknownTaskError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; show it plainly
         return str(self.args[0])
@@ -126,8 +130,9 @@ def build_tasks(
         from grace_lightning.eval.local_tasks import make_local_task
 
         entries = select(suite_entries(suite), only, f"suite {suite.get('name')!r}")
+        knobs = {k: suite[k] for k in _SUITE_KNOBS if suite.get(k) is not None}
         return [
-            make_local_task({**e, "type": e["category"]}, data_root, max_samples, seed)
+            make_local_task({**knobs, **e, "type": e["category"]}, data_root, max_samples, seed)
             for e in entries
         ]
     raise SuiteError(f"suite.source={source!r}: use mteb or local")

@@ -53,6 +53,18 @@ class BackboneConfig:
     revision: str | None = None
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2" (GPU only)
     trust_remote_code: bool = False
+    # modules LoRA adapts on this architecture (peft=lora); Llama/Qwen/SmolLM2 share these names
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+    )
     # tiny random model (source=tiny): sizes of the Llama body; tokenizer is the embedded default's
     tiny: dict[str, Any] = field(
         default_factory=lambda: dict(
