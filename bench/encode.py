@@ -38,7 +38,8 @@ from grace_lightning.rollout.engine import HFRolloutEngine, left_pad  # noqa: E4
 def load_texts(n: int) -> list[str]:
     path = default_data_root() / "sts12" / "test.jsonl"
     if path.exists():
-        texts = list(dict.fromkeys(json.loads(line)["sentence1"] for line in open(path)))
+        with open(path) as f:
+            texts = list(dict.fromkeys(json.loads(line)["sentence1"] for line in f))
     else:
         texts = [f"Sentence {i} is about topic {i % 13} and a few other things." for i in range(n)]
     return texts[:n]

@@ -35,6 +35,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("rollout.max_new_tokens must be >= 1")
     if rw.tau <= 0:
         raise ConfigError(f"reward.tau={rw.tau}: the reward temperature must be > 0 (upstream 0.1)")
+    if a.get("advantage", "grpo") not in ("grpo", "rloo", "reinforce_pp", "remax"):
+        raise ConfigError(f"algo.advantage={a.advantage!r}: use grpo, rloo, reinforce_pp or remax")
     if a.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
         raise ConfigError(
             f"algo.loss_type={a.loss_type!r}: use grpo, bnpo, dr_grpo or dapo (TRL names)"

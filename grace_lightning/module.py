@@ -141,15 +141,27 @@ class GraceModule(L.LightningModule):
         t0 = time.perf_counter()
         b = len(rollouts.prompt_ids)
         policy_emb = rollouts.embeddings.view(b, k, -1)  # (B, K, D)
-        terms = self.compute_rewards(policy_emb, anchors)  # each (B, K)
         truncated = rollouts.truncated.view(b, k)
+        if self._remax:  # the greedy rollout joins the group as member K, scored the same way
+            policy_emb = torch.cat([policy_emb, anchors["greedy"][:, None]], dim=1)
+            truncated = torch.cat([truncated, anchors["greedy_truncated"][:, None]], dim=1)
+        terms = self.compute_rewards(policy_emb, anchors)  # each (B, K) (+1 with ReMax)
         rewards, loss_weight = reward_fns.apply_truncation(
             terms["total"],
             truncated,
             mode=self.reward_cfg.get("truncation", "replace"),
             value=self.reward_cfg.get("truncation_value", -1.0),
         )
-        advantages = self.compute_advantages(rewards)  # (B, K)
+        baseline = None
+        if self._remax:
+            baseline = rewards[:, k]  # (B,) the greedy rollout's reward
+            terms = {name: t[:, :k] for name, t in terms.items()}
+            rewards, loss_weight, truncated = rewards[:, :k], loss_weight[:, :k], truncated[:, :k]
+        advantages = self.compute_advantages(rewards, baseline)  # (B, K)
+        if self.algo_cfg.get("dynamic_sampling", False):
+            # DAPO: groups whose rewards have zero variance carry no signal; drop them from the
+            # loss (DAPO also over-samples to refill the batch; we do not refill)
+            loss_weight = loss_weight * (~adv_fns.zero_std_groups(rewards))[:, None]
         timings["time/reward"] = time.perf_counter() - t0
 
         metrics = self.rollout_metrics(rollouts, terms, rewards, truncated)
@@ -173,6 +185,23 @@ class GraceModule(L.LightningModule):
         self.maybe_log_table(batch, rollouts, terms, rewards, advantages)
         return None
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        """Held-out reward (no update): ``val/reward`` and ``val/rewards/<term>``."""
+        k = self.rollout_cfg["num_generations"]
+        rollouts, anchors = self.rollout(batch)
+        b = len(rollouts.prompt_ids)
+        terms = self.compute_rewards(rollouts.embeddings.view(b, k, -1), anchors)
+        rewards, _ = reward_fns.apply_truncation(
+            terms["total"],
+            rollouts.truncated.view(b, k),
+            mode=self.reward_cfg.get("truncation", "replace"),
+            value=self.reward_cfg.get("truncation_value", -1.0),
+        )
+        metrics = {"val/reward": torch.nanmean(rewards)}
+        metrics.update({f"val/rewards/{n}": t.mean() for n, t in terms.items()})
+        metrics["val/completions/mean_length"] = rollouts.lengths.float().mean()
+        self.log_dict(metrics, on_epoch=True, batch_size=b, sync_dist=True)
+
     # ------------------------------------------------------------------ 1. rollout
     def policy_texts(self, batch) -> list[str]:
         return batch["positive"] if self.reward_cfg["mode"] == "sup" else batch["text"]
@@ -188,17 +217,22 @@ class GraceModule(L.LightningModule):
             if self.reward_cfg["mode"] == "sup"
             else list(texts)
         )
-        prompts = self.prompter.encode(list(texts) + anchor_texts)
-        counts = [k] * b + [1] * len(anchor_texts)
+        greedy = list(texts) if self._remax else []  # ReMax: one greedy rollout per prompt
+        prompts = self.prompter.encode(list(texts) + anchor_texts + greedy)
+        counts = [k] * b + [1] * (len(anchor_texts) + len(greedy))
         temps = [r["temperature"]] * b + [r["anchor_temperature"]] * len(anchor_texts)
+        temps += [0.0] * len(greedy)
         with self._eval_mode():
             out = self.engine.generate(
                 prompts, counts, temps, self.prompter.system_len, generator=self._generator()
             )
         rows = b * k
         policy = _select_rows(out, torch.arange(rows, device=out.row_to_prompt.device), b)
-        anchor_emb = out.embeddings[rows:]  # (A, D), in anchor_texts order
+        anchor_emb = out.embeddings[rows : rows + len(anchor_texts)]  # (A, D), anchor_texts order
         anchors: dict[str, torch.Tensor] = {}
+        if greedy:
+            anchors["greedy"] = out.embeddings[rows + len(anchor_texts) :]  # (B, D)
+            anchors["greedy_truncated"] = out.truncated[rows + len(anchor_texts) :]  # (B,)
         if self.reward_cfg["mode"] == "sup":
             anchors["query"] = anchor_emb[:b]
             anchors["negatives"] = _pad_negatives(
@@ -206,8 +240,11 @@ class GraceModule(L.LightningModule):
             )
         else:
             anchors["anchor"] = anchor_emb
-        anchors["_texts"] = out.response_texts(self.tokenizer)[rows:]  # for the rationale table
         return policy, anchors
+
+    @property
+    def _remax(self) -> bool:
+        return self.algo_cfg.get("advantage", "grpo") == "remax"
 
     # ------------------------------------------------------------------ 2. reward
     def compute_rewards(self, policy_emb: torch.Tensor, anchors: dict) -> dict[str, torch.Tensor]:
@@ -245,14 +282,18 @@ class GraceModule(L.LightningModule):
         return self.all_gather(x).flatten(0, 1)
 
     # ------------------------------------------------------------------ 3. advantage
-    def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        """Group mean-centred (paper; std division off: scale_rewards='none')."""
+    def compute_advantages(
+        self, rewards: torch.Tensor, baseline: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Group mean-centred by default (paper; std division off: scale_rewards='none')."""
         a = self.algo_cfg
         estimator = a.get("advantage", "grpo")
         if estimator == "rloo":
             return adv_fns.rloo_advantages(rewards)
         if estimator == "reinforce_pp":
             return adv_fns.reinforce_pp_advantages(rewards)
+        if estimator == "remax":
+            return adv_fns.remax_advantages(rewards, baseline)
         return adv_fns.group_advantages(rewards, scale=a.get("scale_rewards", "none"))
 
     # ------------------------------------------------------------------ 4. update

@@ -234,3 +234,27 @@ def test_lora_run_trains_adapters_only_and_exports_merged_and_adapter(tmp_path):
     assert not torch.equal(q_merged, q_base)
     header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "kl" in header.split(",")
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        ["algo.advantage=rloo"],
+        ["algo.advantage=reinforce_pp", "algo.loss_type=grpo"],
+        ["algo.advantage=remax", "algo.loss_type=bnpo"],
+        ["algo.dynamic_sampling=true", "algo.epsilon_high=0.28", "algo.loss_type=dapo"],
+        ["algo.loss_type=dr_grpo", "algo.num_iterations=2"],
+    ],
+    ids=["rloo", "reinforce_pp", "remax", "dapo", "dr_grpo"],
+)
+def test_each_algorithm_trains_two_steps(algo, tmp_path):
+    cfg = make_cfg([*TINY, "reward=unsup", "callbacks=none", *algo], tmp_path)
+    _, objects = train(cfg)
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+
+    fresh, _ = load_backbone(BackboneConfig(**cfg.backbone))
+    moved = sum(
+        not torch.equal(p.detach().cpu(), q)
+        for p, q in zip(objects["model"].policy.parameters(), fresh.parameters())
+    )
+    assert moved == len(list(fresh.parameters()))

@@ -7,7 +7,8 @@ the batch, so that results and the rationale cache do not depend on batch size o
 This loop is the engine's (same prefill, KV cache, on-the-fly pooling over prompt[system_len:] +
 response with EOS included, finished rows leaving the batch, same helpers) with two changes:
 
-- every row draws its token from its own ``torch.Generator`` seeded by :func:`text_seed`;
+- every row samples with its own uniforms from a ``torch.Generator`` seeded by :func:`text_seed`
+  (inverse-CDF sampling: exact, one uniform per token, nothing per row inside the loop);
 - the pooled embedding is returned *unnormalised*, like base mode and upstream's eval
   (``eval_mteb.py`` does not L2-normalise; cosine similarity does not care, k-means and
   logistic regression see the same vectors in Base and "w/ reasoning" rows).
@@ -58,7 +59,7 @@ def sample_rationales(
     top_p: float = 1.0,
     top_k: int = 0,
 ) -> Rationales:
-    """Sample one rationale per prompt; row i draws from ``torch.Generator().manual_seed(seeds[i])``.
+    """Sample one rationale per prompt; row i uses ``torch.Generator().manual_seed(seeds[i])``.
 
     ``temperature <= 0`` means greedy decoding. ``eos_ids=[]`` never stops early (benchmarks).
     """
@@ -69,7 +70,11 @@ def sample_rationales(
     n = len(prompt_ids)
     if n == 0:
         return Rationales([], [], torch.empty(0))
-    gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    # each row's uniforms come from its own CPU generator, drawn up front: device-independent,
+    # and no per-row work inside the loop (inverse-CDF sampling below)
+    uniforms = torch.stack(
+        [torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    ).to(device, torch.float64)  # (N, R)
 
     ids, mask = left_pad(prompt_ids, pad_id, device)
     cache = DynamicCache(config=model.config)
@@ -95,14 +100,11 @@ def sample_rationales(
     for t in range(max_new_tokens):
         if temperature <= 0:
             tok = logits.argmax(-1)
-        else:
+        else:  # inverse CDF: the first token whose cumulative probability exceeds u
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            tok = torch.cat(
-                [
-                    torch.multinomial(probs[i], 1, generator=gens[row])
-                    for i, row in enumerate(active.tolist())
-                ]
-            )
+            cdf = probs.double().cumsum(-1)
+            u = uniforms[active, t, None] * cdf[:, -1:]
+            tok = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)
         resp[active, t] = tok
         lengths[active] += 1
         ended = torch.isin(tok, eos)

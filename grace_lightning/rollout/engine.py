@@ -185,10 +185,13 @@ class HFRolloutEngine:
 
         for t in range(steps):
             # 3. sample one token per active row at its own temperature
-            scaled = logits / row_temp[active, None]
+            temp = row_temp[active, None]
+            greedy = temp <= 0  # temperature 0 = greedy decoding (ReMax's baseline rollout)
+            scaled = logits / torch.where(greedy, 1.0, temp)
             logp_all = scaled.log_softmax(-1)  # (A, V)
             probs = filter_logits(scaled, self.top_k, self.top_p).softmax(-1)
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (A,)
+            tok = torch.where(greedy.squeeze(-1), scaled.argmax(-1), tok)
             resp[active, t] = tok
             resp_mask[active, t] = 1
             logps[active, t] = logp_all.gather(-1, tok[:, None]).squeeze(-1)
