@@ -31,7 +31,7 @@ from grace_lightning.rl import advantages as adv_fns
 from grace_lightning.rl import rewards as reward_fns
 from grace_lightning.rl.losses import clipped_policy_loss, kl_k3, masked_mean
 from grace_lightning.rl.policy import response_logprobs
-from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch
+from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +105,10 @@ class GraceModule(L.LightningModule):
             eps=o.get("eps", 1e-8),
         )
 
-    def _generator(self) -> torch.Generator:
-        # per-step, per-rank sampling seed: reproducible and resumable, different on each rank
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + self.global_step * 101 + self.global_rank)
-        return g
+    def _step_seed(self) -> int:
+        # sampling streams are keyed by (seed, step, role, text): reproducible, resumable, and
+        # independent of which rank a group lands on (DDP == one process on the same batch)
+        return self.seed * 1_000_003 + self.global_step
 
     @contextmanager
     def _reference(self):
@@ -157,7 +156,10 @@ class GraceModule(L.LightningModule):
             baseline = rewards[:, k]  # (B,) the greedy rollout's reward
             terms = {name: t[:, :k] for name, t in terms.items()}
             rewards, loss_weight, truncated = rewards[:, :k], loss_weight[:, :k], truncated[:, :k]
-        advantages = self.compute_advantages(rewards, baseline)  # (B, K)
+        # over the GLOBAL batch, then this rank's groups: batch-normalising estimators
+        # (scale_rewards=batch, REINFORCE++) see what a single process would see
+        glob = self._gather(rewards), None if baseline is None else self._gather(baseline)
+        advantages = self._local(self.compute_advantages(*glob), b)  # (B, K)
         if self.algo_cfg.get("dynamic_sampling", False):
             # DAPO: groups whose rewards have zero variance carry no signal; drop them from the
             # loss (DAPO also over-samples to refill the batch; we do not refill)
@@ -168,6 +170,8 @@ class GraceModule(L.LightningModule):
         # raw reward terms must be finite (truncation="mask" adds NaNs on purpose afterwards)
         finite = all(bool(torch.isfinite(t).all()) for t in terms.values())
         finite &= bool(torch.isfinite(advantages).all())
+        # every rank must take the same branch (the update has collectives): skip on all if any
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             # a NaN/inf reward never reaches the optimiser: log it and skip this update
             log.warning("non-finite reward at step %d: update skipped", self.global_step)
@@ -222,9 +226,14 @@ class GraceModule(L.LightningModule):
         counts = [k] * b + [1] * (len(anchor_texts) + len(greedy))
         temps = [r["temperature"]] * b + [r["anchor_temperature"]] * len(anchor_texts)
         temps += [0.0] * len(greedy)
+        roles = ["policy"] * b + ["anchor"] * len(anchor_texts) + ["greedy"] * len(greedy)
+        seeds = [
+            text_seed(self._step_seed(), f"{role}\0{text}")
+            for role, text in zip(roles, list(texts) + anchor_texts + greedy)
+        ]
         with self._eval_mode():
             out = self.engine.generate(
-                prompts, counts, temps, self.prompter.system_len, generator=self._generator()
+                prompts, counts, temps, self.prompter.system_len, seeds=seeds
             )
         rows = b * k
         policy = _select_rows(out, torch.arange(rows, device=out.row_to_prompt.device), b)
@@ -273,13 +282,30 @@ class GraceModule(L.LightningModule):
             terms = reward_fns.unsupervised_rewards(
                 anchor, policy_all, cross_group=c.get("cross_group", "paper"), **kw
             )
-        start = self.global_rank * b if self.trainer.world_size > 1 else 0
-        return {name: t[start : start + b] for name, t in terms.items()}
+        return {name: self._local(t, b) for name, t in terms.items()}
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """All ranks' ``x`` concatenated along dim 0 in rank order (the global batch).
+
+        Dims after the first are zero-padded to the largest over ranks first (e.g. a different
+        number of negatives per rank; zero vectors are "no negative", as in ``_pad_negatives``).
+        """
         if self.trainer.world_size == 1:
             return x
+        if x.dim() > 1:
+            shape = torch.tensor(x.shape[1:], device=x.device)
+            biggest = self.all_gather(shape).reshape(-1, x.dim() - 1).amax(0).tolist()
+            pad = []  # F.pad order: last dim first, (before, after) each
+            for have, want in zip(reversed(x.shape[1:]), reversed(biggest)):
+                pad += [0, want - have]
+            if any(pad):
+                x = torch.nn.functional.pad(x, pad)
         return self.all_gather(x).flatten(0, 1)
+
+    def _local(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's ``b`` rows of a ``_gather``-ed tensor (ranks hold equal-size blocks)."""
+        start = self.global_rank * b if self.trainer.world_size > 1 else 0
+        return x[start : start + b]
 
     # ------------------------------------------------------------------ 3. advantage
     def compute_advantages(
@@ -495,7 +521,7 @@ def _select_rows(out: RolloutBatch, rows: torch.Tensor, num_prompts: int) -> Rol
         finished=out.finished[rows],
         temperatures=out.temperatures[rows],
         logprobs=None if out.logprobs is None else out.logprobs[rows],
-        embeddings=None if out.embeddings is None else out.embeddings[rows],
+        pooled=None if out.pooled is None else out.pooled[rows],
     )
 
 

@@ -135,3 +135,20 @@ def test_base_mode_pools_prompt_after_system(tiny_backbone):
         torch.testing.assert_close(emb[i], hidden[pr.system_len :].mean(0), atol=1e-5, rtol=1e-4)
     ids, mask = left_pad([[1, 2], [3]], pad_id=0)
     assert ids.tolist() == [[1, 2], [0, 3]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=8)
+    alone = engine.generate(pr.encode(TEXTS[:1]), 2, 1.0, pr.system_len, seeds=[11])
+    mixed = engine.generate(
+        pr.encode(TEXTS[2:] + TEXTS[:1]), [3, 2], [0.7, 1.0], pr.system_len, seeds=[5, 11]
+    )
+    torch.testing.assert_close(
+        mixed.response_ids[3:], alone.response_ids[:, : mixed.response_ids.size(1)]
+    )
+    torch.testing.assert_close(mixed.pooled[3:], alone.pooled, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(alone.response_ids[0], alone.response_ids[1])  # samples differ
+    greedy = engine.generate(pr.encode(TEXTS[:1]), 2, 0.0, pr.system_len, seeds=[1])
+    assert torch.equal(greedy.response_ids[0], greedy.response_ids[1])

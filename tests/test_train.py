@@ -258,3 +258,38 @@ def test_each_algorithm_trains_two_steps(algo, tmp_path):
         for p, q in zip(objects["model"].policy.parameters(), fresh.parameters())
     )
     assert moved == len(list(fresh.parameters()))
+
+
+def test_bad_data_fails_before_any_model_loads(tmp_path, monkeypatch):
+    from grace_lightning import module as module_mod
+    from grace_lightning.data.readers import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"anchor": "a", "positive": "b", "hard_negative": "c"}\n{"anchor": "q", "positive": ""}\n'
+    )
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was validated")
+
+    monkeypatch.setattr(module_mod, "load_backbone", no_model)
+    cfg = make_cfg([*TINY, "reward=sup", f"data.sup.path={bad}"], tmp_path)
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field '(positive|hard_negative)'"):
+        train(cfg)
+
+
+def test_validation_reward_is_logged(tmp_path):
+    cfg = make_cfg(
+        [
+            *TINY,
+            "reward=unsup",
+            "trainer.max_steps=1",
+            "callbacks=none",
+            "data.val_fraction=0.1",
+            "trainer.limit_val_batches=1",
+            "+trainer.val_check_interval=1",
+        ],
+        tmp_path,
+    )
+    metrics, _ = train(cfg)
+    assert "val/reward" in metrics and "val/rewards/self" in metrics

@@ -19,6 +19,7 @@ log-probs it leaves those fields ``None`` and the caller computes them with a sc
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,7 +40,11 @@ class RolloutBatch:
     finished: torch.Tensor  # (N,) bool: ended with EOS (False = hit max_new_tokens)
     temperatures: torch.Tensor  # (N,)
     logprobs: torch.Tensor | None  # (N, R) log-prob of each sampled token at its temperature
-    embeddings: torch.Tensor | None  # (N, D) mean-pooled, L2-normalised, float32
+    pooled: torch.Tensor | None  # (N, D) mean-pooled last-layer hidden states, float32
+
+    @property
+    def embeddings(self) -> torch.Tensor | None:  # (N, D) L2-normalised (the reward's h)
+        return None if self.pooled is None else F.normalize(self.pooled, dim=-1)
 
     @property
     def lengths(self) -> torch.Tensor:  # (N,)
@@ -64,6 +69,7 @@ class RolloutEngine(Protocol):
         temperature: float | list[float] = 1.0,
         system_len: int = 0,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch: ...
 
 
@@ -138,7 +144,15 @@ class HFRolloutEngine:
         temperature: float | list[float] = 1.0,
         system_len: int = 0,
         generator: torch.Generator | None = None,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch:
+        """Sample ``num_samples[p]`` responses to each prompt p at ``temperature[p]`` (0 = greedy).
+
+        Randomness: with ``seeds`` (one per prompt) sample j of prompt p draws from its own
+        stream seeded by (seeds[p], j), so a row's response depends on nothing else in the batch
+        (evaluation caches, DDP runs equal to single-process ones); otherwise all rows share
+        ``generator``. Either way sampling is inverse-CDF with one uniform per token.
+        """
         from transformers import DynamicCache
 
         model = self.model
@@ -182,6 +196,13 @@ class HFRolloutEngine:
         logps = torch.zeros((n_rows, steps), device=device)
         finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
         eos = torch.tensor(self.eos_ids, device=device)
+        uniforms = None  # (N, steps) per-row streams, drawn up front on the CPU
+        if seeds is not None:
+            sample_idx = torch.cat([torch.arange(c) for c in counts]).tolist()
+            row_seeds = [row_seed(seeds[p], j) for p, j in zip(row_to_prompt.tolist(), sample_idx)]
+            uniforms = torch.stack(
+                [torch.rand(steps, generator=torch.Generator().manual_seed(x)) for x in row_seeds]
+            ).to(device, torch.float64)
 
         for t in range(steps):
             # 3. sample one token per active row at its own temperature
@@ -190,7 +211,12 @@ class HFRolloutEngine:
             scaled = logits / torch.where(greedy, 1.0, temp)
             logp_all = scaled.log_softmax(-1)  # (A, V)
             probs = filter_logits(scaled, self.top_k, self.top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (A,)
+            if uniforms is not None:
+                u = uniforms[active, t]
+            else:
+                u = torch.rand(len(active), generator=generator, dtype=torch.float64)
+                u = u.to(device)
+            tok = sample_inverse_cdf(probs, u)  # (A,)
             tok = torch.where(greedy.squeeze(-1), scaled.argmax(-1), tok)
             resp[active, t] = tok
             resp_mask[active, t] = 1
@@ -223,7 +249,7 @@ class HFRolloutEngine:
             logits = lm_head(h).float()
 
         length = int(resp_mask.sum(-1).max().item()) if n_rows else 0
-        embeddings = F.normalize(emb_sum / emb_count.clamp(min=1)[:, None], dim=-1)
+        pooled = emb_sum / emb_count.clamp(min=1)[:, None]
         return RolloutBatch(
             prompt_ids=p_ids,
             prompt_mask=p_mask,
@@ -233,8 +259,27 @@ class HFRolloutEngine:
             finished=finished,
             temperatures=row_temp,
             logprobs=logps[:, :length],
-            embeddings=embeddings,
+            pooled=pooled,
         )
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative probability exceeds u. probs: (A, V), u: (A,) in [0, 1)."""
+    cdf = probs.double().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return tok.clamp(max=probs.size(-1) - 1)
+
+
+def row_seed(seed: int, sample: int) -> int:
+    """Seed of sample ``sample`` of a prompt whose seed is ``seed`` (63-bit, well mixed)."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(sample)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def text_seed(seed: int, text: str) -> int:
+    """A per-text seed: the same text gets the same stream whatever batch it sits in."""
+    digest = hashlib.sha256(f"{int(seed)}\0{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def _per_prompt(value, n: int, name: str) -> list:
