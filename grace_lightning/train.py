@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from grace_lightning.config import validate
 from grace_lightning.models.backbone import BackboneConfig, load_tokenizer
 from grace_lightning.prompts import ChatPrompter
+from grace_lightning.utils.resume import persist_wandb_id
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))
+    persist_wandb_id(cfg)  # a resumed run (ckpt_path=last) logs to the same W&B run
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False

@@ -184,13 +184,15 @@ def load_backbone(cfg: BackboneConfig | dict, device: str | torch.device | None 
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     dtype = torch_dtype(cfg.dtype)
+    if cfg.source not in ("hub", "gguf", "tiny"):
+        raise ValueError(f"backbone.source={cfg.source!r}: use hub, gguf or tiny")
+    if cfg.source == "hub" and not cfg.pretrained:
+        raise ValueError("backbone.source=hub needs backbone.pretrained (a Hub id or a dir)")
     tokenizer = load_tokenizer(cfg)
     extra: dict[str, Any] = {}
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
     if cfg.source == "hub":
-        if not cfg.pretrained:
-            raise ValueError("backbone.source=hub needs backbone.pretrained (a Hub id or a dir)")
         model = AutoModelForCausalLM.from_pretrained(
             cfg.pretrained,
             dtype=dtype,
@@ -216,8 +218,6 @@ def load_backbone(cfg: BackboneConfig | dict, device: str | torch.device | None 
             model = LlamaForCausalLM(config).to(dtype)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    else:
-        raise ValueError(f"backbone.source={cfg.source!r}: use hub, gguf or tiny")
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if device is not None:
