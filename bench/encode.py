@@ -5,10 +5,10 @@
 Same shape on every row: the same texts (STS12 sentences from ../shared/data, else synthetic),
 length-sorted into the same batches, every response exactly ``--new-tokens`` long (EOS ignored).
 - generate:   bare ``model.generate`` (sampling, T=1, top_p=1), no pooling, no cache;
-- engine:     the training sampler ``HFRolloutEngine`` (one shared generator, embeddings pooled in
+- engine:     the sampler alone (``HFRolloutEngine``, one shared generator, embeddings pooled in
               the sampling pass), for reference;
-- rationale:  ``GraceEncoder.encode`` in rationale mode, cold cache (sample with per-text seeds,
-              pool, store in the SQLite cache). Goal: <= 1.2x generate;
+- rationale:  ``GraceEncoder.encode`` in rationale mode, cold cache (the engine with per-text
+              seeds, decoding, storing in the SQLite cache). Goal: <= 1.2x generate;
 - cached:     the same call again from a fresh encoder on the same cache. Goal: >= 20x faster
               than the cold pass;
 - base:       base mode (no rationale), for scale.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,20 +30,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grace_lightning.eval.encoder import GraceEncoder  # noqa: E402
-from grace_lightning.eval.local_tasks import default_data_root  # noqa: E402
-from grace_lightning.models.backbone import BackboneConfig, load_backbone  # noqa: E402
+from grace_lightning.models.backbone import (  # noqa: E402
+    BackboneConfig,
+    load_backbone,
+    prepare_tokenizer,
+    torch_dtype,
+)
 from grace_lightning.prompts import ChatPrompter  # noqa: E402
 from grace_lightning.rollout.engine import HFRolloutEngine, left_pad  # noqa: E402
 
 
-def load_texts(n: int) -> list[str]:
-    path = default_data_root() / "sts12" / "test.jsonl"
-    if path.exists():
-        with open(path) as f:
-            texts = list(dict.fromkeys(json.loads(line)["sentence1"] for line in f))
-    else:
-        texts = [f"Sentence {i} is about topic {i % 13} and a few other things." for i in range(n)]
-    return texts[:n]
+def load_texts(n: int, path: str | None) -> list[str]:
+    """``--texts-file`` (one text a line), else STS12 sentences, else synthetic sentences."""
+    if path:
+        return Path(path).read_text().splitlines()[:n]
+    root = Path(os.environ.get("GRACE_DATA_ROOT", ROOT.parent / "shared" / "data"))
+    sts12 = root / "sts12" / "test.jsonl"
+    if sts12.exists():
+        with open(sts12) as f:
+            return list(dict.fromkeys(json.loads(line)["sentence1"] for line in f))[:n]
+    return [f"Sentence {i} is about topic {i % 13} and a few other things." for i in range(n)]
+
+
+def load_model(args, dtype: str):
+    """The embedded default, or (``--random-weights``) its architecture with random weights from
+    ``--model-dir`` (config + tokenizer only: for machines the weights cannot travel to; with
+    EOS ignored, speed does not depend on the weights)."""
+    if not args.random_weights:
+        return load_backbone(BackboneConfig(dtype=dtype), device=args.device)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(args.model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype)).to(args.device)
+    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(args.model_dir))
 
 
 def sync(device) -> None:
@@ -70,13 +91,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--texts-file", default=None, help="one text a line")
+    p.add_argument("--random-weights", action="store_true", help="see load_model")
+    p.add_argument("--model-dir", default=None, help="config + tokenizer for --random-weights")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    cfg = BackboneConfig(dtype=dtype)
-    model, tok = load_backbone(cfg, device=args.device)
+    model, tok = load_model(args, dtype)
     model.eval()
-    texts = load_texts(args.texts)
+    texts = load_texts(args.texts, args.texts_file)
     n, r, bs = len(texts), args.new_tokens, args.batch_size
     prompter = ChatPrompter(tok)
     prompt_ids = prompter.encode(texts)
@@ -101,7 +124,7 @@ def main() -> None:
     engine = HFRolloutEngine(model, tok, max_new_tokens=r, ignore_eos=True)
 
     def engine_generate():
-        g = torch.Generator(device=args.device).manual_seed(0)
+        g = torch.Generator().manual_seed(0)  # the engine draws its uniforms on the CPU
         for group in groups:
             engine.generate(group, 1, 1.0, prompter.system_len, generator=g)
 
@@ -139,8 +162,9 @@ def main() -> None:
         )
 
     name = "cpu" if args.device == "cpu" else torch.cuda.get_device_name(0)
+    weights = ", random weights" if args.random_weights else ""
     print(
-        f"\nSmolLM2-135M-Instruct ({dtype}, {name}), {n} texts, {r} new tokens each, "
+        f"\nSmolLM2-135M-Instruct ({dtype}, {name}{weights}), {n} texts, {r} new tokens each, "
         f"batch {bs}, prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens\n"
     )
     print("| pass | seconds | texts/s | generated tok/s | vs generate |")

@@ -47,3 +47,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"reward.truncation={rw.truncation!r}: use replace, mask or off")
     if cfg.prompt.max_prompt_tokens < 8:
         raise ConfigError("prompt.max_prompt_tokens is too small to hold the chat template")
+    model = cfg.get("model") or {}
+    if str(model.get("_target_", "")).endswith("ContrastiveModule"):  # method=infonce|simcse
+        from grace_lightning.contrastive import check_args
+
+        check_args(model.objective, model.get("data_mode"), model.tau, model.lr_schedule)

@@ -104,6 +104,7 @@ class ContrastiveModule(L.LightningModule):
         dropout: dict | None = None,
         lr_schedule: str = "linear",
         warmup_steps: int = 0,
+        max_text_tokens: int | None = None,
         peft: dict | None = None,
         gradient_checkpointing: bool = False,
         seed: int = 0,
@@ -119,7 +120,9 @@ class ContrastiveModule(L.LightningModule):
         if self.optim_cfg.get("master_weights_fp32", True) and self.policy.dtype != torch.float32:
             self.policy.float()  # fp32 master weights; compute runs in bf16 under autocast
         self.dropout_cfg = dict(dropout or {})
-        enable_dropout(self.policy, self.dropout_cfg.get("attention"), self.dropout_cfg.get("hidden"))
+        enable_dropout(
+            self.policy, self.dropout_cfg.get("attention"), self.dropout_cfg.get("hidden")
+        )
         self.peft_cfg = dict(peft or {})
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -130,9 +133,17 @@ class ContrastiveModule(L.LightningModule):
             from grace_lightning.module import wrap_lora
 
             self.policy = wrap_lora(self.policy, self.peft_cfg)
-        self.prompter = ChatPrompter(
-            self.tokenizer, prompt.get("system_prompt"), prompt.get("max_prompt_tokens", 1024)
+        self.prompter = training_prompter(
+            self.tokenizer,
+            prompt.get("system_prompt"),
+            prompt.get("max_prompt_tokens", 1024),
+            max_text_tokens,
         )
+
+    def on_train_epoch_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning keeps module modes as found: without
+        # this, SimCSE's dropout (and LoRA dropout) would silently stay off
+        self.policy.train()
 
     # ------------------------------------------------------------------ embedding
     def embed(self, texts: list[str]) -> Tensor:
@@ -182,12 +193,14 @@ class ContrastiveModule(L.LightningModule):
             betas=tuple(o.get("betas", (0.9, 0.999))),
             eps=o.get("eps", 1e-8),
         )
-        total = self.trainer.estimated_stepping_batches if self.trainer else float("inf")
+        total = self.trainer.estimated_stepping_batches  # inf without max_steps/max_epochs
         factor = lr_factor(self.lr_schedule, self.warmup_steps, total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ):
         clip = gradient_clip_val or self.optim_cfg.get("grad_clip")
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
@@ -216,6 +229,19 @@ class ContrastiveModule(L.LightningModule):
         }
         (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
         return directory
+
+
+def training_prompter(
+    tokenizer, system_prompt: str | None, max_prompt_tokens: int, max_text_tokens: int | None
+) -> ChatPrompter:
+    """The chat prompter, with texts cut to ``max_text_tokens`` (template excluded) in training
+    (SimCSE trains on 32 tokens); evaluation keeps ``prompt.max_prompt_tokens``."""
+    prompter = ChatPrompter(tokenizer, system_prompt, max_prompt_tokens)
+    if max_text_tokens:
+        template = len(prompter.encode([""])[0])  # head (system prompt) + tail tokens
+        if template + max_text_tokens < max_prompt_tokens:
+            prompter = ChatPrompter(tokenizer, system_prompt, template + max_text_tokens)
+    return prompter
 
 
 def check_args(objective: str, data_mode: str | None, tau: float, lr_schedule: str) -> None:

@@ -8,8 +8,10 @@ the chat-templated text and a generated rationale, system prompt excluded (notes
   model, GRACE on a trained one). Upstream eval: temperature 1.0, top-p 1.0, up to 2048 new tokens,
   prompts cut to 1024 tokens, no L2 normalisation (notes §4).
 
-Rationales are seeded per text (:func:`grace_lightning.eval.sampling.text_seed`), so they do not
-depend on batching, and stored in a :class:`~grace_lightning.eval.cache.RationaleCache`.
+Rationales come from the training sampler (:class:`~grace_lightning.rollout.engine.HFRolloutEngine`,
+embeddings pooled in the sampling pass, unnormalised like upstream's eval) with one seed per text
+(``text_seed(seed, text)``), so a text's rationale does not depend on its batch; they are stored in
+a :class:`~grace_lightning.eval.cache.RationaleCache`.
 
     enc = GraceEncoder.from_backbone(BackboneConfig(), mode="rationale", max_new_tokens=256)
     vecs, why = enc.encode(["A man is playing a guitar."], return_rationales=True)
@@ -41,9 +43,9 @@ from grace_lightning.eval.cache import (
     state_dict_fingerprint,
 )
 from grace_lightning.eval.rundir import RunDirError, check_export_dir, find_export_dir
-from grace_lightning.eval.sampling import sample_rationales, text_seed
 from grace_lightning.models.backbone import BackboneConfig, eos_token_ids, load_backbone
 from grace_lightning.prompts import DEFAULT_SYSTEM_PROMPT, ChatPrompter
+from grace_lightning.rollout.engine import HFRolloutEngine, text_seed
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class GenerationSettings:
     max_new_tokens: int = 2048
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    seed: int = 0  # per-text seeds derive from it (sampling.text_seed)
+    seed: int = 0  # per-text seeds derive from it (rollout.engine.text_seed)
     ignore_eos: bool = False  # always generate max_new_tokens (benchmarks; vLLM's ignore_eos)
 
 
@@ -166,7 +168,8 @@ class GraceEncoder:
             raise RunDirError(f"{export}: could not load the exported model: {e}") from e
         kwargs.setdefault("system_prompt", grace_cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
         kwargs.setdefault("max_prompt_tokens", int(grace_cfg.get("max_prompt_tokens", 1024)))
-        kwargs.setdefault("name", Path(path).resolve().name)
+        run = export.resolve().parent if export.name == "export" else export.resolve()
+        kwargs.setdefault("name", run.name)
         return cls(model, tokenizer, source_dir=export, **kwargs)
 
     @classmethod
@@ -217,6 +220,7 @@ class GraceEncoder:
             "max_prompt_tokens": self.max_prompt_tokens,
             "dtype": str(self.dtype),
             "pooling": "mean(prompt[system_len:] + response incl. EOS), unnormalised",
+            "sampler": "HFRolloutEngine inverse-CDF, seeds=text_seed(seed, text)",
         }
 
     # ------------------------------------------------------------------ encode
@@ -245,7 +249,9 @@ class GraceEncoder:
         if show_progress_bar is None:
             show_progress_bar = log.getEffectiveLevel() <= logging.INFO
         prompter = self.prompter(prompt_type)
-        if mode == "base":
+        if not texts:
+            emb, rationales = torch.empty(0, self.model.config.hidden_size), []
+        elif mode == "base":
             emb = self._encode_base(texts, prompter, batch_size, show_progress_bar)
             rationales: list[str | None] = [None] * len(texts)
         else:
@@ -278,17 +284,17 @@ class GraceEncoder:
         ).float()
 
     def _encode_base(self, texts, prompter, batch_size, show) -> torch.Tensor:
-        prompt_ids = prompter.encode(texts)
-        order = sorted(range(len(texts)), key=lambda i: -len(prompt_ids[i]))
-        out: list[torch.Tensor | None] = [None] * len(texts)
-        with tqdm(total=len(texts), desc="Encoding (base)", unit="text", disable=not show) as bar:
+        unique = list(dict.fromkeys(texts))  # duplicates are encoded once
+        prompt_ids = prompter.encode(unique)
+        order = sorted(range(len(unique)), key=lambda i: -len(prompt_ids[i]))  # by length
+        vecs: dict[str, torch.Tensor] = {}
+        with tqdm(total=len(unique), desc="Encoding (base)", unit="text", disable=not show) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                vecs = self._pool([prompt_ids[i] for i in idx], prompter.system_len)
-                for i, v in zip(idx, vecs):
-                    out[i] = v
+                pooled = self._pool([prompt_ids[i] for i in idx], prompter.system_len)
+                vecs.update((unique[i], v) for i, v in zip(idx, pooled))
                 bar.update(len(idx))
-        return torch.stack(out) if out else torch.empty(0)
+        return torch.stack([vecs[t] for t in texts])
 
     def _encode_rationale(self, texts, prompter, batch_size, show):
         settings = self.settings()
@@ -317,28 +323,34 @@ class GraceEncoder:
 
     def _generate(self, keys, prompt_ids, texts, system_len) -> dict[str, CachedRationale]:
         g = self.generation
-        out = sample_rationales(
+        engine = HFRolloutEngine(
             self.model,
-            [prompt_ids[k] for k in keys],
-            [text_seed(g.seed, texts[k]) for k in keys],
-            system_len=system_len,
-            pad_id=self.tokenizer.pad_token_id,
-            eos_ids=[] if g.ignore_eos else self.eos_ids,
+            self.tokenizer,
             max_new_tokens=g.max_new_tokens,
-            temperature=g.temperature,
             top_p=g.top_p,
             top_k=g.top_k,
+            eos_token_ids=self.eos_ids,
+            ignore_eos=g.ignore_eos,
+        )
+        out = engine.generate(
+            [prompt_ids[k] for k in keys],
+            num_samples=1,
+            temperature=g.temperature,
+            system_len=system_len,
+            seeds=[text_seed(g.seed, texts[k]) for k in keys],
         )
         self.stats["generate_calls"] += 1
         self.stats["generated"] += len(keys)
+        ids = [row[mask.bool()].tolist() for row, mask in zip(out.response_ids, out.response_mask)]
+        pooled = out.pooled.float().cpu().numpy()
         return {
             k: CachedRationale(
-                rationale=self.tokenizer.decode(ids, skip_special_tokens=True),
-                response_ids=ids,
-                finished=fin,
-                embedding=vec.numpy().astype(np.float32),
+                rationale=self.tokenizer.decode(r, skip_special_tokens=True),
+                response_ids=r,
+                finished=bool(fin),
+                embedding=vec,
             )
-            for k, ids, fin, vec in zip(keys, out.response_ids, out.finished, out.pooled)
+            for k, r, fin, vec in zip(keys, ids, out.finished.tolist(), pooled)
         }
 
 
@@ -355,9 +367,9 @@ def _saved_dtype(export: Path) -> str:
 def _hub_message(hub_id: str, err: Exception | None = None) -> str:
     why = f" ({type(err).__name__}: {err})" if err else ""
     return (
-        f"model={hub_id!r} is neither a local path nor a known backbone name, so it is read as a "
-        f"Hugging Face Hub id, and the Hub cannot be reached{why}. Offline, use model=smollm2 "
-        f"(embedded default), model=tiny, or a local run/export dir."
+        f"model {hub_id!r} is a Hugging Face Hub id (not a local path or directory), and the Hub "
+        f"cannot be reached{why}. Offline, use model=smollm2 (the embedded default), model=tiny, "
+        f"or a local run/export dir."
     )
 
 

@@ -1,0 +1,62 @@
+"""Test-only hooks that subprocess runs of ``train.py`` load through Hydra overrides.
+
+- ``model._target_=tests.probes.RecordingGraceModule`` with ``GRACE_PROBE_DIR=<dir>``: every rank
+  writes, per rollout batch, the policy texts, rationales, reward terms and advantages it
+  trained on (``rank<r>_step<s>.pt``), and its final weights (``rank<r>_final.pt``).
+- ``+callbacks.stall._target_=tests.probes.StallAt +callbacks.stall.step=<n>
+  +callbacks.stall.marker=<file>``: once a rollout batch has reached global step n (its table
+  rows written, its checkpoint NOT yet: checkpoint callbacks run last), touch ``marker`` and
+  sleep, so a test can ``kill -9`` the run at a known point. Once: with ``marker`` present
+  (the same command run again) it does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from grace_lightning.module import GraceModule
+
+
+class RecordingGraceModule(GraceModule):
+    def _probe_dir(self) -> Path:
+        path = Path(os.environ["GRACE_PROBE_DIR"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def training_step(self, batch, batch_idx):
+        self._record = {"step": int(self.global_step), "texts": list(self.policy_texts(batch))}
+        out = super().training_step(batch, batch_idx)
+        name = f"rank{self.global_rank}_step{self._record['step']:04d}.pt"
+        torch.save(self._record, self._probe_dir() / name)
+        return out
+
+    def compute_rewards(self, policy_emb, anchors):
+        terms = super().compute_rewards(policy_emb, anchors)
+        self._record["terms"] = {k: v.detach().cpu() for k, v in terms.items()}
+        self._record["policy_emb"] = policy_emb.detach().cpu()
+        self._record["anchors"] = {k: v.detach().cpu() for k, v in anchors.items()}
+        return terms
+
+    def update(self, ro, advantages, loss_weight):
+        self._record["advantages"] = advantages.detach().cpu()
+        self._record["rationales"] = ro.response_texts(self.tokenizer)
+        return super().update(ro, advantages, loss_weight)
+
+    def on_train_end(self):
+        weights = {n: p.detach().cpu() for n, p in self.policy.named_parameters()}
+        torch.save(weights, self._probe_dir() / f"rank{self.global_rank}_final.pt")
+
+
+class StallAt(L.Callback):
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = int(step), Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step and not self.marker.exists():  # once: a rerun runs
+            self.marker.touch()
+            time.sleep(3600)  # the test kills us here
