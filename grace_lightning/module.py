@@ -94,6 +94,10 @@ class GraceModule(L.LightningModule):
         ref.requires_grad_(False).eval()
         return ref
 
+    def on_train_epoch_start(self) -> None:
+        # from_pretrained returns eval mode and Lightning leaves it: LoRA dropout needs train mode
+        self.policy.train()
+
     def configure_optimizers(self):
         o = self.optim_cfg
         params = [p for p in self.policy.parameters() if p.requires_grad]
