@@ -7,11 +7,12 @@ Every setting runs ``train.py``'s ``train()`` for ONE rollout batch with one opt
 its own subprocess, so each peak is its own. Reported per setting:
 
 - loaded (GB): RSS when fit starts (model, tokenizer, data loaded);
-- fit peak (GB): the RSS high-water mark from ``on_fit_start`` on (reset through
-  ``/proc/self/clear_refs``; Linux only): rollout + loss pass + optimiser step;
-- peak RSS (GB): the process high-water mark over its whole life (model load included);
-- CUDA peak (GB): ``torch.cuda.max_memory_allocated`` during fit (GPU runs only);
-- step (s): wall time of the fit.
+- rollout / update (GB): the RSS high-water mark during ``GraceModule.rollout`` (sampling and
+  pooling) and ``GraceModule.update`` (loss pass, backward, optimiser step), each reset through
+  ``/proc/self/clear_refs`` (Linux);
+- fit peak (GB): the high-water mark from fit start; process (GB): over the whole process;
+- CUDA roll / upd / fit (GB): ``torch.cuda.max_memory_allocated`` likewise (GPU runs only);
+- fit s: wall time of the fit.
 
 Settings: full fine-tuning fp32 with the shared-prompt loss pass (default), without it
 (``algo.share_prompt=false``), with gradient checkpointing, LoRA, LoRA + gradient checkpointing;
@@ -63,33 +64,78 @@ def rss_gb(field: str) -> float | None:
     return None
 
 
-class PeakMemory(L.Callback):
-    """Resets the RSS / CUDA high-water marks when fit starts and reads them when it ends."""
+class Peaks:
+    """RSS and CUDA high-water marks per phase: ``start(phase)`` resets them (after folding the
+    current marks into the running fit maximum), ``stop(phase)`` reads them."""
 
-    result: dict = {}
+    def __init__(self):
+        self.result: dict = {}
+        self.fit_rss = self.fit_cuda = 0.0
 
-    def on_fit_start(self, trainer, pl_module):
+    def _fold(self):
         import torch
 
+        self.fit_rss = max(self.fit_rss, rss_gb("VmHWM") or 0.0)
+        if torch.cuda.is_available():
+            self.fit_cuda = max(self.fit_cuda, torch.cuda.max_memory_allocated() / 1024**3)
+
+    def start(self, phase: str) -> None:
+        import torch
+
+        self._fold()
         try:
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            PeakMemory.result["hwm_reset"] = True
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS (Linux)
         except OSError:
-            PeakMemory.result["hwm_reset"] = False
-        PeakMemory.result["rss_at_fit_start_gb"] = rss_gb("VmRSS")
+            self.result["hwm_reset"] = False
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        PeakMemory.result["t0"] = time.perf_counter()
+        self.result[f"t_{phase}"] = time.perf_counter()
 
-    def on_fit_end(self, trainer, pl_module):
+    def stop(self, phase: str) -> None:
         import torch
 
-        r = PeakMemory.result
-        r["step_s"] = time.perf_counter() - r.pop("t0")
-        r["fit_peak_rss_gb"] = rss_gb("VmHWM") if r["hwm_reset"] else None
+        self.result[f"{phase}_s"] = time.perf_counter() - self.result.pop(f"t_{phase}")
+        self.result[f"{phase}_rss_gb"] = rss_gb("VmHWM")
         if torch.cuda.is_available():
-            r["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
-            r["cuda_reserved_gb"] = torch.cuda.max_memory_reserved() / 1024**3
+            self.result[f"{phase}_cuda_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+        self._fold()
+
+
+PEAKS = Peaks()
+
+
+class PeakMemory(L.Callback):
+    """Peaks from fit start (model loaded) to fit end, and per phase of the training step."""
+
+    def on_fit_start(self, trainer, pl_module):
+        PEAKS.result["rss_at_fit_start_gb"] = rss_gb("VmRSS")
+        PEAKS.fit_rss = PEAKS.fit_cuda = 0.0
+        PEAKS.start("fit")
+        PEAKS.fit_rss = 0.0  # from here on only
+
+    def on_fit_end(self, trainer, pl_module):
+        PEAKS.stop("fit")
+        PEAKS.result["fit_rss_gb"] = PEAKS.fit_rss
+        if PEAKS.fit_cuda:
+            PEAKS.result["fit_cuda_gb"] = PEAKS.fit_cuda
+
+
+def watch_phases() -> None:
+    """Measure GraceModule.rollout (sampling + pooling) and .update (loss pass + step) apart."""
+    from grace_lightning.module import GraceModule
+
+    def wrap(fn, phase):
+        def wrapped(*args, **kwargs):
+            PEAKS.start(phase)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                PEAKS.stop(phase)
+
+        return wrapped
+
+    GraceModule.rollout = wrap(GraceModule.rollout, "rollout")
+    GraceModule.update = wrap(GraceModule.update, "update")
 
 
 def compose(args, setting: str, out_dir: str):
@@ -128,8 +174,9 @@ def run_setting(args, setting: str) -> dict:
     from grace_lightning.train import train
 
     cfg = compose(args, setting, tempfile.mkdtemp(prefix="bench-memory-"))
+    watch_phases()
     train(cfg)
-    result = dict(PeakMemory.result)
+    result = dict(PEAKS.result)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result
 
@@ -161,30 +208,41 @@ def main():
         f"{args.k} rollouts x {args.new_tokens} new tokens, prompts <= {args.prompt_tokens} "
         f"tokens; 1 optimiser step"
     )
-    header = f"{'setting':14s}{'loaded':>9s}{'fit peak':>10s}{'peak RSS':>10s}{'CUDA peak':>11s}{'step s':>8s}  "
-    print(header + "what")
+    cols = [  # (header, result key, format)
+        ("loaded", "rss_at_fit_start_gb", ".2f"),
+        ("rollout", "rollout_rss_gb", ".2f"),
+        ("update", "update_rss_gb", ".2f"),
+        ("fit peak", "fit_rss_gb", ".2f"),
+        ("process", "peak_rss_gb", ".2f"),
+    ]
+    if cuda:
+        cols += [
+            ("CUDA roll", "rollout_cuda_gb", ".2f"),
+            ("CUDA upd", "update_cuda_gb", ".2f"),
+            ("CUDA fit", "fit_cuda_gb", ".2f"),
+        ]
+    cols += [("fit s", "fit_s", ".1f")]
+    width = 10 * len(cols)
+    print(f"{'setting':14s}" + "".join(f"{h:>10s}" for h, _, _ in cols) + "  what")
     for name in names:
         overrides, gpu_only, what = SETTINGS[name]
         if gpu_only and not cuda:
-            print(f"{name:14s}{'GPU-only: skipped (no CUDA)':>48s}  {what}")
+            print(f"{name:14s}{'GPU-only: skipped (no CUDA)':>{width}s}  {what}")
             continue
         cmd = [sys.executable, __file__, "--setting", name, *sys.argv[1:]]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             err = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-            print(f"{name:14s}{'FAILED: ' + err[0][:60]:>48s}  {what}")
+            print(f"{name:14s}{'FAILED: ' + err[0][:60]:>{width}s}  {what}")
             continue
         r = json.loads(line[-1][7:])
-        print(
-            f"{name:14s}{fmt(r.get('rss_at_fit_start_gb')):>9s}"
-            f"{fmt(r.get('fit_peak_rss_gb')):>10s}{fmt(r['peak_rss_gb']):>10s}"
-            f"{fmt(r.get('cuda_peak_gb')):>11s}{fmt(r['step_s'], '.1f'):>8s}  {what}"
-        )
+        print(f"{name:14s}" + "".join(f"{fmt(r.get(k), f):>10s}" for _, k, f in cols) + f"  {what}")
     print(
-        "GB = 2**30 bytes. loaded: RSS at fit start (model + data loaded); fit peak: high-water "
-        "mark from fit start; peak RSS: whole process. step s: wall time of the fit (noisy on "
-        "shared machines)."
+        "RSS in GB (2**30 bytes). loaded: at fit start (model + data loaded); rollout / update: "
+        "high-water mark during GraceModule.rollout (sampling + pooling) / .update (loss pass, "
+        "backward, optimiser step); fit peak: from fit start; process: whole process. "
+        "fit s: wall time of the fit (noisy on shared machines)."
     )
 
 
