@@ -18,8 +18,6 @@ Negatives come from the batch on each device; nothing is gathered across ranks.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from grace_lightning.callbacks.export import save_policy
 from grace_lightning.config import ConfigError
 from grace_lightning.embedding import masked_mean_pool
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
@@ -208,14 +207,6 @@ class ContrastiveModule(L.LightningModule):
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:
         """``save_pretrained`` model + tokenizer + ``grace_config.json``, like GraceModule."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        model = self.policy
-        if self.peft_cfg:  # PEFT: the adapter alone, then a merged plain model
-            model.save_pretrained(directory / "adapter")
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
         meta = {
             "system_prompt": self.prompt_cfg.get("system_prompt"),
             "max_prompt_tokens": self.prompt_cfg.get("max_prompt_tokens", 1024),
@@ -227,8 +218,7 @@ class ContrastiveModule(L.LightningModule):
             "global_step": int(self.global_step),
             "peft": self.peft_cfg or None,
         }
-        (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
-        return directory
+        return save_policy(self.policy, self.tokenizer, directory, meta, bool(self.peft_cfg))
 
 
 def training_prompter(

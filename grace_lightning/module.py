@@ -13,7 +13,6 @@ self-anchor. Embeddings come from the rollout loop itself (see ``rollout/engine.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from grace_lightning.callbacks.export import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rl import advantages as adv_fns
@@ -474,14 +474,6 @@ class GraceModule(L.LightningModule):
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:
         """``save_pretrained`` the policy and tokenizer; loadable by plain transformers."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        model = self.policy
-        if self.peft_cfg:  # PEFT: save the adapter alone, then a merged plain model
-            model.save_pretrained(directory / "adapter")
-            model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
         meta = {
             "system_prompt": self.prompt_cfg.get("system_prompt"),
             "max_prompt_tokens": self.prompt_cfg.get("max_prompt_tokens", 1024),
@@ -495,8 +487,7 @@ class GraceModule(L.LightningModule):
             "global_step": int(self.global_step),
             "peft": self.peft_cfg or None,
         }
-        (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
-        return directory
+        return save_policy(self.policy, self.tokenizer, directory, meta, bool(self.peft_cfg))
 
 
 def wrap_lora(model, cfg: dict):
