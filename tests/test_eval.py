@@ -197,6 +197,26 @@ def test_local_tasks_load_and_subsample_deterministically():
     assert not set(test) & set(train) or len(set(test) & set(train)) < 20  # only duplicates
 
 
+@needs_data
+def test_local_suite_caps_by_type_and_corpus_per_query():
+    from grace_lightning.eval.suites import SuiteError
+
+    specs = {**suite("local"), "max_samples_by_type": {"Retrieval": 4}, "corpus_per_query": 1}
+    tasks = build_tasks(
+        specs, only=["LocalSciFactTrain", "LocalSTS12"], data_root=str(DATA_ROOT), max_samples=6
+    )
+    for t in tasks:
+        t.load_data()
+    by = {t.metadata.name: t for t in tasks}
+    scifact = by["LocalSciFactTrain"].dataset["default"]["test"]
+    relevant = {d for rel in scifact["relevant_docs"].values() for d in rel}
+    assert len(scifact["queries"]) == 4  # the type cap, tighter than max_samples=6
+    assert len(scifact["corpus"]) == len(relevant) + 4  # judged docs + 1 random doc per query
+    assert len(by["LocalSTS12"].dataset["test"]) == 6  # other types keep max_samples
+    with pytest.raises(SuiteError, match="Retreival"):
+        build_tasks({**specs, "max_samples_by_type": {"Retreival": 4}}, data_root=str(DATA_ROOT))
+
+
 # --------------------------------------------------------------------------- encoder
 def test_encode_shapes_modes_and_options(tiny_encoder):
     enc = tiny_encoder()

@@ -32,7 +32,7 @@ CATEGORY_COLUMNS: dict[str, str] = {
 
 
 # suite-level settings of a local suite that apply to every task of the matching type
-_SUITE_KNOBS = ("n_experiments", "samples_per_label", "n_clusters")
+_SUITE_KNOBS = ("n_experiments", "samples_per_label", "n_clusters", "corpus_per_query")
 
 
 class UnknownTaskError(KeyError):
@@ -131,10 +131,20 @@ def build_tasks(
 
         entries = select(suite_entries(suite), only, f"suite {suite.get('name')!r}")
         knobs = {k: suite[k] for k in _SUITE_KNOBS if suite.get(k) is not None}
-        return [
-            make_local_task({**knobs, **e, "type": e["category"]}, data_root, max_samples, seed)
-            for e in entries
-        ]
+        by_type = dict(suite.get("max_samples_by_type") or {})
+        unknown = set(by_type) - set(CATEGORY_COLUMNS)
+        if unknown:
+            raise SuiteError(
+                f"suite.max_samples_by_type: {sorted(unknown)} not task types; use {list(CATEGORY_COLUMNS)}"
+            )
+        tasks = []
+        for e in entries:
+            spec = {**knobs, **e, "type": e["category"]}
+            cap = by_type.get(e["category"])
+            if cap:  # a type's cap, tighter than the task's own when both are set
+                spec["max_samples"] = min(int(cap), int(spec.get("max_samples") or cap))
+            tasks.append(make_local_task(spec, data_root, max_samples, seed))
+        return tasks
     raise SuiteError(f"suite.source={source!r}: use mteb or local")
 
 

@@ -1,0 +1,318 @@
+"""Resumable study stages (``conf/study.yaml``): each row runs [train ->] eval [-> samples].
+
+A stage is a ``train.py`` / ``eval.py`` subprocess with a fixed run dir, so a crash, a kill or
+an out-of-memory in one stage never takes the study's bookkeeping with it, and each stage's own
+resume path applies: training restarts from ``checkpoints/last.ckpt`` (``ckpt_path=last``),
+evaluation skips mteb's finished tasks and reuses the run's rationale cache. A stage that exits 0
+gets ``DONE.json`` (command, wall seconds of every attempt); a rerun skips it.
+
+Layout under ``out_dir``::
+
+    <row>/train/     train.py run dir (metrics.csv, rationales.jsonl, checkpoints/, export/)
+    <row>/eval/      eval.py run dir (scores.json, results.md, mteb/, rationales.sqlite)
+    <row>/samples.json   rationales for conf ``samples.texts`` (rationale rows only)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from grace_lightning.utils.atomic import atomic_write
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DONE = "DONE.json"
+ATTEMPTS = "attempts.jsonl"
+ROW_KEYS = {"label", "tables", "group", "train", "eval"}
+TABLES = ("sup", "unsup")
+GROUPS = ("grace", "contrastive")
+MODES = ("base", "rationale")
+
+
+class StudyConfigError(ValueError):
+    """A row of ``conf/study.yaml`` that cannot run; the message names the key to change."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's subprocess exited non-zero; the message names its log."""
+
+
+@dataclass
+class Stage:
+    row: str
+    kind: str  # train | eval | samples
+    dir: Path  # run dir (train/eval) or the row dir (samples)
+    argv: list[str] = field(default_factory=list)  # subprocess command (train/eval)
+
+    @property
+    def done_file(self) -> Path:
+        if self.kind == "samples":
+            return self.dir / "samples.json"
+        return self.dir / DONE
+
+    @property
+    def done(self) -> bool:
+        return self.done_file.is_file()
+
+    @property
+    def log_file(self) -> Path:
+        return self.dir / "stage.log"
+
+
+# ---------------------------------------------------------------------------- config
+def check_rows(rows: Mapping[str, Any]) -> None:
+    """Validate ``rows`` before anything runs: every problem names ``rows.<name>.<field>``."""
+    if not rows:
+        raise StudyConfigError("conf/study.yaml: `rows` is empty; add at least one row")
+    for name, row in rows.items():
+        where = f"conf/study.yaml rows.{name}"
+        if not isinstance(row, Mapping):
+            raise StudyConfigError(f"{where}: expected a mapping with label/tables/eval")
+        unknown = set(row) - ROW_KEYS
+        if unknown:
+            raise StudyConfigError(
+                f"{where}: unknown field(s) {sorted(unknown)}; use {sorted(ROW_KEYS)}"
+            )
+        if not row.get("label"):
+            raise StudyConfigError(f"{where}.label: missing (the table's row name)")
+        tables = list(row.get("tables") or [])
+        if not tables or any(t not in TABLES for t in tables):
+            raise StudyConfigError(
+                f"{where}.tables: {tables!r}; use a non-empty subset of {list(TABLES)}"
+            )
+        ev = row.get("eval")
+        if not isinstance(ev, Mapping) or ev.get("mode") not in MODES:
+            raise StudyConfigError(
+                f"{where}.eval.mode: {None if not ev else ev.get('mode')!r}; use one of {list(MODES)}"
+            )
+        if row.get("train") is not None:
+            if row.get("group") not in GROUPS:
+                raise StudyConfigError(
+                    f"{where}.group: {row.get('group')!r}; a trained row needs one of {list(GROUPS)}"
+                )
+            if not isinstance(row["train"], list | tuple) or not all(
+                isinstance(o, str) for o in row["train"]
+            ):
+                raise StudyConfigError(
+                    f"{where}.train: a list of train.py overrides, e.g. [reward=sup]"
+                )
+            if ev.get("model") not in (None, "run"):
+                raise StudyConfigError(
+                    f"{where}.eval.model: a trained row is evaluated on its own run; drop `model`"
+                )
+
+
+def selected_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    rows = OmegaConf.to_container(cfg.rows, resolve=True)
+    check_rows(rows)
+    only = list(cfg.get("only") or [])
+    missing = [n for n in only if n not in rows]
+    if missing:
+        raise StudyConfigError(f"only={missing}: no such row(s); rows are {list(rows)}")
+    return {n: r for n, r in rows.items() if not only or n in only}
+
+
+# ---------------------------------------------------------------------------- commands
+def _list(cfg: DictConfig, key: str) -> list[str]:
+    return [str(o) for o in (OmegaConf.to_container(cfg.get(key), resolve=True) or [])]
+
+
+def train_argv(cfg: DictConfig, row: Mapping[str, Any], run_dir: Path) -> list[str]:
+    """``train.py`` overrides: shared, then the row's group, then the row's own, then extras."""
+    overrides = [
+        f"backbone={cfg.base_model}",
+        *_list(cfg, "train_overrides"),
+        *_list(cfg, f"{row['group']}_overrides"),
+        *row["train"],
+        *_list(cfg, "train_extra"),
+        f"hydra.run.dir={run_dir}",
+    ]
+    return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
+
+
+def eval_argv(
+    cfg: DictConfig, row: Mapping[str, Any], run_dir: Path, train_dir: Path | None
+) -> list[str]:
+    ev = row["eval"]
+    model = str(train_dir) if train_dir is not None else str(ev.get("model") or cfg.base_model)
+    overrides = [
+        f"model={model}",
+        f"mode={ev['mode']}",
+        f"label={json.dumps(row['label'])}",
+        *_list(cfg, "eval_overrides"),
+        f"cache.path={run_dir / 'rationales.sqlite'}",  # per run: resumable, never shared stale
+        *_list(cfg, "eval_extra"),
+        f"hydra.run.dir={run_dir}",
+    ]
+    return [sys.executable, str(REPO_ROOT / "eval.py"), *overrides]
+
+
+def plan(cfg: DictConfig) -> list[Stage]:
+    """Every stage of the selected rows, in run order (a row's stages together)."""
+    out = Path(cfg.out_dir)
+    stages: list[Stage] = []
+    for name, row in selected_rows(cfg).items():
+        train_dir = None
+        if row.get("train") is not None:
+            train_dir = out / name / "train"
+            stages.append(Stage(name, "train", train_dir, train_argv(cfg, row, train_dir)))
+        eval_dir = out / name / "eval"
+        stages.append(Stage(name, "eval", eval_dir, eval_argv(cfg, row, eval_dir, train_dir)))
+        if row["eval"]["mode"] == "rationale" and cfg.get("samples") and cfg.samples.get("texts"):
+            stages.append(Stage(name, "samples", out / name))
+    return stages
+
+
+# ---------------------------------------------------------------------------- running
+def _attempts(stage: Stage) -> list[dict[str, Any]]:
+    path = stage.dir / ATTEMPTS
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            continue
+    return rows
+
+
+def _record_attempt(stage: Stage, seconds: float, rc: int) -> None:
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    with open(stage.dir / ATTEMPTS, "a") as f:
+        f.write(
+            json.dumps({"seconds": round(seconds, 1), "rc": rc, "at": time.strftime("%FT%T")})
+            + "\n"
+        )
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run_subprocess(stage: Stage) -> None:
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PROJECT_ROOT": str(REPO_ROOT)}
+    t0 = time.time()
+    with open(stage.log_file, "a") as logf:
+        logf.write(f"\n=== {time.strftime('%FT%T')} {' '.join(stage.argv)}\n")
+        logf.flush()
+        rc = subprocess.call(
+            stage.argv, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT
+        )
+    seconds = time.time() - t0
+    _record_attempt(stage, seconds, rc)
+    if rc != 0:
+        raise StageFailed(
+            f"study stage {stage.row}/{stage.kind} failed (exit {rc}); log: {stage.log_file}\n"
+            f"{_tail(stage.log_file)}\nFix the cause and rerun the same command: finished stages are kept."
+        )
+    attempts = _attempts(stage)
+    done = {
+        "row": stage.row,
+        "stage": stage.kind,
+        "command": stage.argv[1:],
+        "seconds": round(seconds, 1),
+        "seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 1),
+        "attempts": len(attempts),
+        "finished_at": time.strftime("%FT%T"),
+    }
+    atomic_write(stage.done_file, lambda f: f.write(json.dumps(done, indent=2) + "\n"), mode="w")
+
+
+def write_samples(cfg: DictConfig, stage: Stage, rows: Mapping[str, Any]) -> None:
+    """Rationales of the row's model for ``samples.texts`` (same sampling as its evaluation)."""
+    from grace_lightning.eval.encoder import GenerationSettings
+    from grace_lightning.eval.run import load_encoder
+
+    row = rows[stage.row]
+    train_dir = stage.dir / "train"
+    model = (
+        str(train_dir)
+        if row.get("train") is not None
+        else str(row["eval"].get("model") or cfg.base_model)
+    )
+    t0 = time.time()
+    gen = GenerationSettings(
+        max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.samples.get("seed", 0))
+    )
+    encoder = load_encoder(model, mode="rationale", generation=gen)
+    texts = [str(t) for t in cfg.samples.texts]
+    rationales = encoder.rationales(texts, batch_size=len(texts), show_progress_bar=False)
+    out = {
+        "row": stage.row,
+        "label": row["label"],
+        "model": model,
+        "generation": {
+            "max_new_tokens": gen.max_new_tokens,
+            "temperature": gen.temperature,
+            "seed": gen.seed,
+        },
+        "samples": [{"text": t, "rationale": r} for t, r in zip(texts, rationales)],
+        "seconds": round(time.time() - t0, 1),
+    }
+    atomic_write(
+        stage.done_file,
+        lambda f: f.write(json.dumps(out, indent=2, ensure_ascii=False) + "\n"),
+        mode="w",
+    )
+
+
+def run_stages(cfg: DictConfig) -> list[Stage]:
+    """Run every unfinished stage in order; returns the plan. Stops at the first failure."""
+    stages = plan(cfg)
+    rows = selected_rows(cfg)
+    for i, stage in enumerate(stages, 1):
+        tag = f"[{i}/{len(stages)}] {stage.row}/{stage.kind}"
+        if stage.done:
+            log.info("%s: done (%s), skipped", tag, stage.done_file)
+            continue
+        if cfg.get("dry_run"):
+            print(
+                f"{tag}: {' '.join(stage.argv) if stage.argv else 'rationales for samples.texts'}"
+            )
+            continue
+        log.info("%s: running -> %s", tag, stage.log_file if stage.argv else stage.done_file)
+        t0 = time.time()
+        if stage.kind == "samples":
+            write_samples(cfg, stage, rows)
+        else:
+            run_subprocess(stage)
+        log.info("%s: finished in %.0f s", tag, time.time() - t0)
+    return stages
+
+
+def run_study(cfg: DictConfig) -> str:
+    """Run (or resume) the study, then write the report; returns the report's markdown block."""
+    from grace_lightning.study.report import build_report, update_readme
+
+    rows = selected_rows(cfg)
+    if not cfg.get("report_only"):
+        run_stages(cfg)
+        if cfg.get("dry_run"):
+            return ""
+    all_rows = OmegaConf.to_container(cfg.rows, resolve=True)
+    block = build_report(cfg, all_rows if not cfg.get("only") else rows, Path(cfg.report_dir))
+    if cfg.get("update_readme"):
+        readme = REPO_ROOT / "README.md"
+        if update_readme(readme, block):
+            log.info("README.md: study section updated")
+        else:
+            log.warning("README.md has no study markers; the report is in %s", cfg.report_dir)
+    print(block)
+    return block
