@@ -142,3 +142,38 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, capsys):
     assert attempts("base/eval") == 1 and attempts("grace_sup/train") == 1
     assert attempts("grace_sup/eval") == 2
     assert json.loads((out / "grace_sup/eval/DONE.json").read_text())["attempts"] == 2
+
+
+def test_stopping_the_study_stops_the_running_stage(tmp_path):
+    """SIGTERM to the study ends its stage subprocess too (no orphan keeps writing a run dir)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    sleeper = (
+        f"import os,time; open({str(pid_file)!r},'w').write(str(os.getpid())); time.sleep(120)"
+    )
+    driver = (
+        "import sys; from grace_lightning.study.stages import _call; "
+        f"_call([sys.executable, '-c', {sleeper!r}], dict(__import__('os').environ), None)"
+    )
+    study = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT)
+    for _ in range(200):
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the stage subprocess outlived the study")

@@ -95,8 +95,11 @@ def train_budget(train_dir: Path) -> dict[str, Any]:
     }
 
 
-def collect(out_dir: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One record per row with whatever has finished (``run`` is None until its eval is done)."""
+def collect(
+    out_dir: Path, rows: Mapping[str, Mapping[str, Any]], rationale_tokens: int | None = None
+) -> list[dict[str, Any]]:
+    """One record per row with whatever has finished (``run`` is None until its eval is done).
+    ``rationale_tokens``: the evaluation's max_new_tokens (rationale rows)."""
     records = []
     for name, row in rows.items():
         row_dir = out_dir / name
@@ -112,6 +115,7 @@ def collect(out_dir: Path, rows: Mapping[str, Mapping[str, Any]]) -> list[dict[s
                 "label": row["label"],
                 "tables": list(row["tables"]),
                 "mode": row["eval"]["mode"],
+                "rationale_tokens": rationale_tokens,
                 "run": run,
                 "eval_minutes": round(ev_done["seconds_all_attempts"] / 60, 1) if ev_done else None,
                 "budget": train_budget(train_dir) if trained else {},
@@ -133,7 +137,7 @@ def _fmt(x: Any) -> str:
 
 def budget_table(records: Sequence[Mapping[str, Any]]) -> str:
     lines = [
-        "| Row | Trains | Data | Optimiser steps | Examples (rollouts) | lr | Weights | Rationale tokens | Train min | Eval min |",
+        "| Row | Trains | Data | Optimiser steps | Examples (rollouts) | lr | Weights | Max rationale tokens | Train min | Eval min |",
         "|---|---|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in records:
@@ -141,11 +145,11 @@ def budget_table(records: Sequence[Mapping[str, Any]]) -> str:
         examples = _fmt(b.get("examples"))
         if b.get("rollouts"):
             examples += f" ({b['rollouts']})"
-        tokens = b.get("max_new_tokens") if b else None
+        tokens = r.get("rationale_tokens") if r["mode"] == "rationale" else None
         lines.append(
             f"| {r['label']} | {b.get('method', '–')} | {b.get('data', '–')} | {_fmt(b.get('steps'))} | "
             f"{examples} | {_fmt(b.get('lr'))} | {b.get('peft', '–')} | "
-            f"{_fmt(tokens) if r['mode'] == 'rationale' else ('–' if r['mode'] == 'base' else '')} | "
+            f"{_fmt(tokens)} | "
             f"{_fmt(b.get('minutes'))} | {_fmt(r['eval_minutes'])} |"
         )
     return "\n".join(lines)
@@ -250,7 +254,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
     """Write ``report_dir`` files and return the markdown block (also used for README)."""
     out_dir = Path(cfg.out_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    records = collect(out_dir, rows)
+    records = collect(out_dir, rows, cfg.get("max_new_tokens"))
     write_csv(report_dir / "results.csv", records)
     rel = _relative_to_repo(report_dir)
     figures = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -205,6 +206,34 @@ def _tail(path: Path, n: int = 30) -> str:
         return ""
 
 
+def _terminate(child: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``: no stage outlives the study that started it (a
+    killed training resumes from its atomic checkpoints)."""
+    if child.poll() is not None:
+        return
+    child.terminate()
+    try:
+        child.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _call(argv: list[str], env: dict[str, str], logf) -> int:
+    """Run ``argv``; if the study is stopped (Ctrl-C, SIGTERM), stop the stage with it."""
+    child = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+
+    def on_sigterm(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return child.wait()
+    finally:
+        _terminate(child)
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_subprocess(stage: Stage) -> None:
     stage.dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PROJECT_ROOT": str(REPO_ROOT)}
@@ -212,9 +241,7 @@ def run_subprocess(stage: Stage) -> None:
     with open(stage.log_file, "a") as logf:
         logf.write(f"\n=== {time.strftime('%FT%T')} {' '.join(stage.argv)}\n")
         logf.flush()
-        rc = subprocess.call(
-            stage.argv, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT
-        )
+        rc = _call(stage.argv, env, logf)
     seconds = time.time() - t0
     _record_attempt(stage, seconds, rc)
     if rc != 0:
