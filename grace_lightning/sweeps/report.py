@@ -312,6 +312,20 @@ def _figure():
     return plt
 
 
+def _bar_figure(groups, series, values, metric, title, legend_title, path, width) -> Path:
+    """Grouped bars (one group per backbone), saved to ``path``."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + width * len(groups)), 3.6))
+    _grouped_bars(ax, groups, series, values)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend(title=legend_title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_sup_vs_unsup(rows, metric: str, path: Path) -> Path | None:
     """GRACE runs per backbone, one bar per reward mode (sup, unsup)."""
     grace = [r for r in rows if r.get("method") == "grace"]
@@ -320,16 +334,7 @@ def plot_sup_vs_unsup(rows, metric: str, path: Path) -> Path | None:
     if len(modes) < 2:
         return None
     backbones = sorted({k[0] for k in values}, key=str)
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.8 + 1.4 * len(backbones)), 3.6))
-    _grouped_bars(ax, backbones, modes, values)
-    ax.set_ylabel(metric)
-    ax.set_title("GRACE: sup vs unsup")
-    ax.legend(title="reward", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _bar_figure(backbones, modes, values, metric, "GRACE: sup vs unsup", "reward", path, 1.4)
 
 
 def plot_lambda_heatmap(rows, metric: str, path: Path) -> Path | None:
@@ -418,16 +423,8 @@ def plot_baselines(rows, metric: str, path: Path) -> Path | None:
     if len({r.get("method") for r in rows if r.get("method")}) < 2 or not series:
         return None
     backbones = sorted({k[0] for k in values}, key=str)
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(max(4.8, 2.0 + 1.6 * len(backbones)), 3.6))
-    _grouped_bars(ax, backbones, series, values)
-    ax.set_ylabel(metric)
-    ax.set_title("GRACE vs contrastive baselines")
-    ax.legend(title="method", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    title = "GRACE vs contrastive baselines"
+    return _bar_figure(backbones, series, values, metric, title, "method", path, 1.6)
 
 
 PLOTS = {
