@@ -216,12 +216,13 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def plot_curves(
     records: Sequence[Mapping[str, Any]],
-    panels: Sequence[tuple[str, str]],
+    panels: Sequence[tuple[str | tuple[str, ...], str]],
     path: Path,
     title: str,
     window: int = 4,
 ) -> Path | None:
-    """One panel per ``(metric, y label)``, one line per GRACE row (faint: raw; solid: moving
+    """One column per ``(metric or alternatives, y label)``, one row per training data (sup,
+    unsup: their rewards differ in scale), one line per GRACE row (faint: raw; solid: moving
     average over ``window`` rollout batches)."""
     runs = [r for r in records if r["metrics"] and r["budget"].get("method") == "GRACE"]
     if not runs:
@@ -231,23 +232,44 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
-    for ax, (key, ylabel) in zip(axes[0], panels):
-        for i, r in enumerate(runs):
-            steps, values = series(r["metrics"], key)
-            if not steps:
-                continue
-            color = f"C{i}"
-            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
-            ax.plot(steps, _moving_average(values, window), color=color, label=r["label"])
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    datas = list(dict.fromkeys(r["budget"].get("data") for r in runs))
+    fig, axes = plt.subplots(
+        len(datas), len(panels), figsize=(5.2 * len(panels), 3.4 * len(datas)), squeeze=False
+    )
+    for row_axes, data in zip(axes, datas):
+        for ax, (key, ylabel) in zip(row_axes, panels):
+            drawn = False
+            for i, r in enumerate(runs):
+                if r["budget"].get("data") != data:
+                    continue
+                # a panel's key may list alternatives, e.g. sup's rewards/pos or unsup's rewards/self
+                for k in (key,) if isinstance(key, str) else key:
+                    steps, values = series(r["metrics"], k)
+                    if steps:
+                        break
+                if not steps:
+                    continue
+                color = f"C{i}"
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+                ax.plot(steps, _moving_average(values, window), color=color, label=r["label"])
+                drawn = True
+            if not drawn:
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"not logged ({data})",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                )
+            ax.set_xlabel("optimiser step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=8, title=f"data: {data}", title_fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -265,7 +287,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         records,
         [
             ("reward", "reward (mean over rollouts)"),
-            ("rewards/pos", "cos(q, d+) (sup) | cos(anchor, x) (unsup)"),
+            (("rewards/pos", "rewards/self"), "cos(q, d+) (sup) | cos(anchor, x) (unsup)"),
             ("rewards/neg", "-cos(q, d-) (sup)"),
         ],
         report_dir / "reward_curves.png",
