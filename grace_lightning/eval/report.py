@@ -55,8 +55,17 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def format_cell(value: Any, float_spec: str = ".2f") -> str:
+    """A table cell: "–" for a missing value, floats with ``float_spec``, anything else as str."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return format(value, float_spec)
+    return str(value)
+
+
 def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.2f}"
+    return format_cell(x, ".2f")
 
 
 def markdown_table(runs: Sequence[dict[str, Any]], note: bool = True) -> str:

@@ -143,13 +143,19 @@ def train_argv(cfg: DictConfig, row: Mapping[str, Any], run_dir: Path) -> list[s
     return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
 
 
+def row_model(cfg: DictConfig, row: Mapping[str, Any], train_dir: Path | None) -> str:
+    """What a row evaluates: its trained run, else its ``eval.model``, else ``base_model``."""
+    if train_dir is not None:
+        return str(train_dir)
+    return str(row["eval"].get("model") or cfg.base_model)
+
+
 def eval_argv(
     cfg: DictConfig, row: Mapping[str, Any], run_dir: Path, train_dir: Path | None
 ) -> list[str]:
     ev = row["eval"]
-    model = str(train_dir) if train_dir is not None else str(ev.get("model") or cfg.base_model)
     overrides = [
-        f"model={model}",
+        f"model={row_model(cfg, row, train_dir)}",
         f"mode={ev['mode']}",
         f"label={json.dumps(row['label'])}",
         *_list(cfg, "eval_overrides"),
@@ -160,11 +166,12 @@ def eval_argv(
     return [sys.executable, str(REPO_ROOT / "eval.py"), *overrides]
 
 
-def plan(cfg: DictConfig) -> list[Stage]:
-    """Every stage of the selected rows, in run order (a row's stages together)."""
+def plan(cfg: DictConfig, rows: Mapping[str, Any] | None = None) -> list[Stage]:
+    """Every stage of ``rows`` (default: the selected rows), in run order (a row's stages
+    together)."""
     out = Path(cfg.out_dir)
     stages: list[Stage] = []
-    for name, row in selected_rows(cfg).items():
+    for name, row in (rows if rows is not None else selected_rows(cfg)).items():
         train_dir = None
         if row.get("train") is not None:
             train_dir = out / name / "train"
@@ -268,12 +275,7 @@ def write_samples(cfg: DictConfig, stage: Stage, rows: Mapping[str, Any]) -> Non
     from grace_lightning.eval.run import load_encoder
 
     row = rows[stage.row]
-    train_dir = stage.dir / "train"
-    model = (
-        str(train_dir)
-        if row.get("train") is not None
-        else str(row["eval"].get("model") or cfg.base_model)
-    )
+    model = row_model(cfg, row, stage.dir / "train" if row.get("train") is not None else None)
     t0 = time.time()
     gen = GenerationSettings(
         max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.samples.get("seed", 0))
@@ -300,10 +302,10 @@ def write_samples(cfg: DictConfig, stage: Stage, rows: Mapping[str, Any]) -> Non
     )
 
 
-def run_stages(cfg: DictConfig) -> list[Stage]:
-    """Run every unfinished stage in order; returns the plan. Stops at the first failure."""
-    stages = plan(cfg)
-    rows = selected_rows(cfg)
+def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
+    """Run every unfinished stage of ``rows`` in order; returns the plan. Stops at the first
+    failure."""
+    stages = plan(cfg, rows)
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.row}/{stage.kind}"
         if stage.done:
@@ -328,13 +330,12 @@ def run_study(cfg: DictConfig) -> str:
     """Run (or resume) the study, then write the report; returns the report's markdown block."""
     from grace_lightning.study.report import build_report, update_readme
 
-    rows = selected_rows(cfg)
+    rows = selected_rows(cfg)  # all rows unless `only` names some
     if not cfg.get("report_only"):
-        run_stages(cfg)
+        run_stages(cfg, rows)
         if cfg.get("dry_run"):
             return ""
-    all_rows = OmegaConf.to_container(cfg.rows, resolve=True)
-    block = build_report(cfg, all_rows if not cfg.get("only") else rows, Path(cfg.report_dir))
+    block = build_report(cfg, rows, Path(cfg.report_dir))
     if cfg.get("update_readme"):
         readme = REPO_ROOT / "README.md"
         if update_readme(readme, block):

@@ -29,6 +29,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from grace_lightning.eval.report import format_cell
+
 # table columns that describe a run (then any other swept override, then the metrics)
 ID_COLUMNS = [
     "run",
@@ -253,11 +255,7 @@ def table(rows: list[dict[str, Any]], metric: str | None) -> tuple[list[str], li
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    return format_cell(value, ".4g")
 
 
 def markdown(header: list[str], body: list[list[Any]], title: str, metric: str | None) -> str:
