@@ -157,3 +157,48 @@ def test_on_policy_gradient_is_advantage_weighted_log_likelihood():
     close(m["clip_ratio/region_mean"], 0.0)
     with pytest.raises(ValueError):
         clipped_policy_loss(LOGP, OLD, ADV, MASK, loss_type="sapo")
+
+
+# ----------------------------------------------------------------------------- safe maths, fp32
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize(
+    "num_items", [None, 0, 0.0, torch.tensor(0.0), torch.tensor(0, dtype=torch.long)]
+)
+def test_zero_active_tokens_give_zero_loss_and_zero_grad(loss_type, num_items):
+    # a mini-batch with no active token anywhere (DAPO dynamic sampling, truncation=mask):
+    # the global token count is 0; the loss must be 0 with a zero gradient, not NaN
+    logp = (LOGP * 0.9).clone().requires_grad_(True)
+    kw = {"num_items": num_items} if loss_type == "dapo" else {}
+    loss, m = clipped_policy_loss(logp, OLD, ADV, torch.zeros_like(MASK), loss_type=loss_type, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+    assert all(torch.isfinite(v) for v in m.values())
+
+
+def test_dapo_fractional_num_items_is_not_clamped():
+    # DDP: global tokens / world size may be < 1 (1 token over 2 ranks -> 0.5) and must be kept
+    mask = torch.zeros_like(MASK)
+    mask[1, 0] = 1.0  # seq 1 tok 0 costs 0.8 (low clip)
+    loss, _ = clipped_policy_loss(LOGP, OLD, ADV, mask, num_items=torch.tensor(0.5))
+    close(loss, 0.8 / 0.5)
+
+
+def test_loss_kl_and_masked_mean_run_in_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(4, 6, generator=g) * 3).to(torch.bfloat16)
+    old = (logp.float() + 0.01 * torch.randn(4, 6, generator=g)).to(torch.bfloat16)
+    adv = torch.randn(4, generator=g).to(torch.bfloat16)
+    mask = torch.rand(4, 6, generator=g) > 0.3
+    ref_loss, ref_m = clipped_policy_loss(logp.float(), old.float(), adv.float(), mask.float())
+    ref_kl = masked_mean(kl_k3(logp.float(), old.float()), mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, m = clipped_policy_loss(logp, old, adv, mask)
+        kl = masked_mean(kl_k3(logp, old), mask)
+    assert loss.dtype == kl.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kl, ref_kl, atol=1e-6, rtol=0)
+    for key in ref_m:
+        torch.testing.assert_close(m[key], ref_m[key], atol=1e-6, rtol=0)

@@ -120,6 +120,22 @@ def test_infonce_hand_values():
     close(infonce_rewards(e(0), e(0, 90)[None], None, tau=0.1)["total"], [[0.0, 0.0]])
 
 
+def test_infonce_zero_padded_negatives_are_not_candidates():
+    # g0 has one real negative (180) and one zero-vector pad; g1 has two real negatives
+    # (as module._pad_negatives builds them). B=2, K=1, tau=1.
+    q = e(0, 90)
+    p = torch.stack([e(0), e(90)])  # (2, 1, 2): each positive equals its query
+    n = torch.stack([torch.cat([e(180), torch.zeros(1, 2, dtype=torch.float64)]), e(270, 180)])
+    r = infonce_rewards(q, p, n, tau=1.0)["infonce"]
+    # g0 candidates: d+_0 (cos 1), d-_0 = 180 (cos -1), d+_1 = 90 (cos 0); NOT the pad (cos 0)
+    #   -> 1 - log(e + e^-1 + 1) = -0.4338   (counting the pad: 1 - log(e + e^-1 + 2) = -0.7436)
+    # g1 candidates: d+_1 (1), 270 (-1), 180 (0), d+_0 = 0 (0) -> 1 - log(e + e^-1 + 2)
+    close(r, [[1 - math.log(math.e + 1 / math.e + 1)], [1 - math.log(math.e + 1 / math.e + 2)]])
+    # a group whose negatives are all padding is the same as no negatives at all
+    only_pad = infonce_rewards(e(0), e(0)[None], torch.zeros(1, 3, 2).double(), tau=1.0)["infonce"]
+    close(only_pad, [[0.0]])
+
+
 def test_unsupervised_hand_values():
     # g0: anchor 0,   x = [0, 60];  g1: anchor 180, x = [120, 240]
     a = e(0, 180)
@@ -217,3 +233,60 @@ def test_half_precision_embeddings_give_float32_rewards():
     # bf16 rounds sin(60) = .866 by ~2e-3, i.e. ~2e-2 after / tau
     expected = torch.tensor([[16.0, 12, 1], [5, -1, -1]])
     torch.testing.assert_close(r["total"], expected, atol=0.1, rtol=0)
+
+
+# ----------------------------------------------------------------------------- fp32 under autocast
+
+
+def _tight_groups(seed=0, B=4, K=8, D=64, spread=0.15):
+    """Unit embeddings whose within-group cosine is ~0.98 (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    centre = _unit(torch.randn(B, 1, D, generator=g))
+    rollouts = _unit(centre + spread * torch.randn(B, K, D, generator=g) / D**0.5)
+    query = _unit(centre[:, 0] + 0.5 * torch.randn(B, D, generator=g) / D**0.5)
+    negatives = _unit(torch.randn(B, 2, D, generator=g))
+    return query, rollouts, negatives
+
+
+REWARD_FNS = {
+    "supervised": lambda f, q, p, n: f(q, p, n),
+    "supervised_per_rollout": lambda f, q, p, n: f(
+        q, p, n, negative_mode="per_rollout", hard_mode="per_rollout"
+    ),
+    "unsupervised": lambda f, q, p, n: f(q, p),
+    "unsupervised_upstream": lambda f, q, p, n: f(q, p, cross_group="upstream"),
+    "infonce": lambda f, q, p, n: f(q, p, n, tau=0.1),
+}
+FN_OF = {
+    "supervised": supervised_rewards,
+    "supervised_per_rollout": supervised_rewards,
+    "unsupervised": unsupervised_rewards,
+    "unsupervised_upstream": unsupervised_rewards,
+    "infonce": infonce_rewards,
+}
+
+
+@pytest.mark.parametrize("name", list(REWARD_FNS))
+def test_rewards_and_advantages_are_fp32_under_bf16_autocast(name):
+    q, p, n = _tight_groups()
+    assert (p @ p.transpose(1, 2)).mean() > 0.97  # tight groups: small within-group differences
+    call, fn = REWARD_FNS[name], FN_OF[name]
+    ref = call(fn, q, p, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = call(fn, q, p, n)
+        adv = group_advantages(ours["total"])
+        naive = call(fn.__wrapped__, q, p, n)["total"]  # the same code with autocast left on
+    for key in ref:
+        assert ours[key].dtype == torch.float32, key
+        torch.testing.assert_close(ours[key], ref[key], atol=1e-6, rtol=0)
+    a_ref = group_advantages(ref["total"])
+    torch.testing.assert_close(adv, a_ref, atol=1e-6, rtol=0)
+    # the check can fail: without autocast off the einsums run in bf16
+    assert naive.dtype == torch.bfloat16
+    if name.startswith("supervised"):
+        a_naive = group_advantages(naive.float())
+        err = (a_naive - a_ref).abs().max()
+        assert err > 0.2 * a_ref.abs().mean(), (float(err), float(a_ref.abs().mean()))
+        assert (a_naive.sign() != a_ref.sign()).sum() >= 1
+    else:
+        assert (naive.float() - ref["total"]).abs().max() > 1e-3

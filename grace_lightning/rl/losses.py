@@ -3,6 +3,10 @@
 The surrogate and its aggregation follow TRL `GRPOTrainer._compute_loss` (`loss_type`) and
 verl `core_algos.compute_policy_loss` (dual clip, Ye et al. 2020). Upstream GRACE trains with
 verl's PPO-clip: clip 0.2, dual-clip c=3, token-mean aggregation (paper notes §3.5).
+
+`masked_mean`, `kl_k3` and `clipped_policy_loss` run in (at least) float32 with autocast off
+(`precision.full_precision`); every normaliser is guarded, so an all-masked batch gives loss 0
+with zero gradient, never NaN.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from grace_lightning.rl.precision import f32, full_precision
 
 
 def _rows(logits: Tensor, chunk_rows: int) -> list[Tensor]:
@@ -49,23 +55,26 @@ def entropy_from_logits(logits: Tensor, *, chunk_rows: int = 1024) -> Tensor:
     return torch.cat(out).reshape(logits.shape[:-1])
 
 
+@full_precision
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of x over entries where mask (float weights or bool) is non-zero; 0 if none."""
-    mask = mask.to(x.dtype)
+    x, mask = f32(x), f32(mask)
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1e-8)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1e-8)
 
 
+@full_precision
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """(N, T) k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0.
 
     Schulman's "approximating KL" k3, as TRL (`beta * per_token_kl`) and verl `low_var_kl`.
     """
-    d = ref_logp - logp
+    d = f32(ref_logp) - f32(logp)
     return torch.exp(d) - d - 1
 
 
+@full_precision
 def clipped_policy_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -95,8 +104,11 @@ def clipped_policy_loss(
             "dapo":    sum L m / num_items, num_items = active tokens in the GLOBAL batch
                        (default: this batch's). With DDP gradient averaging pass
                        global_tokens / world_size, as TRL does.
+            Every normaliser is guarded: with no active token (mask all zero, num_items 0)
+            the loss is 0 with zero gradient, not NaN. Masked entries of logp/old_logp must be
+            finite (they are multiplied by 0).
         max_completion_length: for "dr_grpo".
-        num_items: for "dapo".
+        num_items: for "dapo" (float or 0-dim tensor, >= 0; 0 means no active token anywhere).
 
     Returns:
         loss (scalar), metrics with TRL names (fractions of active tokens, detached):
@@ -106,7 +118,7 @@ def clipped_policy_loss(
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
-    mask = mask.to(logp.dtype)
+    logp, old_logp, advantages, mask = f32(logp), f32(old_logp), f32(advantages), f32(mask)
     adv = advantages[:, None] if advantages.dim() == 1 else advantages  # (N, 1) or (N, T)
 
     ratio = torch.exp(logp - old_logp)  # (N, T)
@@ -121,15 +133,15 @@ def clipped_policy_loss(
 
     summed = (per_token * mask).sum()
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (N,)
+        loss = per_seq.sum() / max(per_seq.numel(), 1)
     elif loss_type == "bnpo":
         loss = summed / mask.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         T = max_completion_length if max_completion_length is not None else logp.shape[-1]
-        loss = summed / (logp.shape[0] * T)
+        loss = summed / max(logp.shape[0] * T, 1)
     elif loss_type == "dapo":
-        n = num_items if num_items is not None else mask.sum().clamp(min=1.0)
-        loss = summed / n
+        loss = _safe_divide(summed, mask.sum() if num_items is None else num_items)
     else:
         raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
 
@@ -143,3 +155,12 @@ def clipped_policy_loss(
             "clip_ratio/dual_clip_mean": masked_mean(is_dual.to(mask.dtype), mask),
         }
     return loss, metrics
+
+
+def _safe_divide(total: Tensor, count: float | Tensor) -> Tensor:
+    """total / count, or total * 0 (value 0, zero gradient) where count <= 0.
+
+    count may be fractional (DDP: global tokens / world size), so it is not clamped to 1.
+    """
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return torch.where(count > 0, total / count.clamp(min=1e-8), total * 0.0)

@@ -12,6 +12,9 @@ Paper (arXiv 2510.04506, notes §3.4):
     R_total   = (R_CL + l1 R_consist + l2 R_hard) / tau
 Upstream code (`GasolSun36/GRACE`, `HiddenRewardManager`): the same, with one negative, a -1
 replacement reward for truncated responses, and a different unsupervised cross-group term.
+
+Every public function runs in (at least) float32 with autocast off (`precision.full_precision`),
+so `trainer.precision=bf16-mixed` cannot round the small within-group differences away.
 """
 
 from __future__ import annotations
@@ -21,12 +24,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from grace_lightning.rl.precision import f32 as _f32
+from grace_lightning.rl.precision import full_precision
+
 # ----------------------------------------------------------------------------- helpers
-
-
-def _f32(x: Tensor) -> Tensor:
-    """Upcast half/bfloat16 embeddings so reward arithmetic runs in at least float32."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _mean_over_other_groups(x: Tensor) -> Tensor:
@@ -57,12 +58,14 @@ def _hard_anchor(anchor: Tensor, rollouts: Tensor) -> Tensor:
     return -_mean_over_other_groups(sim.amax(-1))  # (B,)
 
 
+@full_precision
 def group_std(term: Tensor) -> Tensor:
     """term (B, K) -> (B,) UNBIASED (Bessel-corrected, as `torch.std` and TRL) std per group.
 
     NaN entries (masked rollouts, see `apply_truncation`) are ignored; a group with fewer than
     two finite values has std 0. Logged as `rewards/<term>_group_std`.
     """
+    term = _f32(term)
     valid = ~torch.isnan(term)  # (B, K)
     n = valid.sum(-1)  # (B,)
     x = term.masked_fill(~valid, 0.0)
@@ -75,6 +78,7 @@ def group_std(term: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- rewards
 
 
+@full_precision
 def supervised_rewards(
     query: Tensor,
     positives: Tensor,
@@ -130,6 +134,7 @@ def supervised_rewards(
     return {"pos": pos, "neg": neg, "consistency": cons, "hard": hard, "total": total}
 
 
+@full_precision
 def infonce_rewards(
     query: Tensor, positives: Tensor, negatives: Tensor | None, *, tau: float
 ) -> dict[str, Tensor]:
@@ -141,11 +146,14 @@ def infonce_rewards(
 
     i.e. rollout k of every group forms one in-batch "column" of B (query, positive) pairs, as in
     standard in-batch-negatives InfoNCE (SimCSE/E5) plus the group's own hard negatives. Each
-    rollout therefore sees exactly 1 + M + (B-1) candidates and, with K=1, this is plain InfoNCE.
-    Unlike the paper's `neg`/`hard`, both the numerator and the denominator depend on k, so the
-    reward keeps its within-group spread. `total` == `infonce` (already in 1/tau units, <= 0).
+    rollout therefore sees exactly 1 + M_i + (B-1) candidates and, with K=1, this is plain
+    InfoNCE. Unlike the paper's `neg`/`hard`, both the numerator and the denominator depend on k,
+    so the reward keeps its within-group spread. `total` == `infonce` (1/tau units, <= 0).
 
-    Args: query (B, D), positives (B, K, D), negatives (B, M, D) or None.
+    Args: query (B, D), positives (B, K, D), negatives (B, M, D) or None. All-zero negative
+        vectors are padding (groups with fewer than M negatives, `module._pad_negatives`, and
+        the cross-rank zero padding of `module._gather`): they are not candidates (logit -inf),
+        so M_i counts the real negatives of group i only.
     Returns: dict of (B, K) tensors `infonce`, `total`.
     """
     q, P = _f32(query), _f32(positives)
@@ -154,12 +162,15 @@ def infonce_rewards(
     s_pos = s_col.diagonal(dim1=0, dim2=2).T  # (B, K)
     logits = s_col
     if negatives is not None and negatives.shape[1] > 0:
-        s_neg = torch.einsum("id,imd->im", q, _f32(negatives)) / tau  # (B, M)
+        N = _f32(negatives)
+        s_neg = torch.einsum("id,imd->im", q, N) / tau  # (B, M)
+        s_neg = s_neg.masked_fill(~N.ne(0).any(-1), float("-inf"))  # (B, M) padding -> -inf
         logits = torch.cat([s_col, s_neg[:, None, :].expand(B, K, -1)], dim=-1)  # (B, K, B+M)
     reward = s_pos - torch.logsumexp(logits, dim=-1)  # (B, K)
     return {"infonce": reward, "total": reward}
 
 
+@full_precision
 def unsupervised_rewards(
     anchor: Tensor,
     rollouts: Tensor,
@@ -202,6 +213,7 @@ def unsupervised_rewards(
 # ----------------------------------------------------------------------------- truncation
 
 
+@full_precision
 def apply_truncation(
     rewards: Tensor,
     truncated: Tensor,
@@ -226,7 +238,7 @@ def apply_truncation(
     Returns:
         rewards (B, K), loss_weight (B, K) float (multiply it into the token mask).
     """
-    truncated = truncated.bool()
+    rewards, truncated = _f32(rewards), truncated.bool()
     ones = torch.ones_like(rewards)
     if mode == "replace":
         return rewards.masked_fill(truncated, value), ones
