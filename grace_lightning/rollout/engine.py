@@ -21,11 +21,37 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from grace_lightning.rollout.budget import Piece, check_budget, plan_batches
+from grace_lightning.rollout.kv import (
+    SegmentedCache,
+    num_layers,
+    prefix_kv,
+    shared_prefix_len,
+    suffix_batch,
+    supports_segmented_cache,
+)
+from grace_lightning.rollout.padding import left_pad, pooling_mask, positions_from_mask
+
+__all__ = [
+    "HFRolloutEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "cache_kwarg",
+    "filter_logits",
+    "left_pad",
+    "pooling_mask",
+    "positions_from_mask",
+    "row_seed",
+    "text_seed",
+]
 
 
 @dataclass
@@ -70,29 +96,8 @@ class RolloutEngine(Protocol):
         system_len: int = 0,
         generator: torch.Generator | None = None,
         seeds: list[int] | None = None,
+        progress: ProgressFn | None = None,
     ) -> RolloutBatch: ...
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and mask, padded on the left."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, length - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that follow the attention mask under left padding."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def pooling_mask(prompt_mask: torch.Tensor, system_len: int) -> torch.Tensor:
-    """Prompt positions that enter the mean: valid tokens after the first ``system_len``."""
-    return prompt_mask.bool() & (prompt_mask.cumsum(-1) > system_len)
 
 
 def cache_kwarg(decoder) -> str:
@@ -115,6 +120,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 class HFRolloutEngine:
+    """GRACE's sampler on a Hugging Face causal LM (see the module docstring).
+
+    Memory knobs (all results are identical with any setting; tested in tests/test_rollout.py and
+    tests/test_prefix.py):
+
+    - ``max_rows_per_batch`` / ``max_kv_tokens``: sample the request in sub-batches of at most
+      that many rows / cached token positions (`rollout.budget.kv_cost`), one after another, and
+      concatenate them. ``None`` = no limit. A KV budget below one prompt + ``max_new_tokens``
+      raises ``ValueError`` (at construction when ``max_prompt_tokens`` is given).
+    - ``share_prompt_kv``: the K rows of a prompt read its KV from one copy (`rollout.kv`)
+      instead of K copies; ``False`` = transformers' ``DynamicCache`` with per-row copies.
+    - ``share_prefix``: the system prompt + chat header every prompt starts with is run once
+      (batch 1) and its KV shared by every prompt; needs ``share_prompt_kv``.
+    - ``progress`` / ``progress_every``: ``progress(rows_finished, rows_total, tokens_generated,
+      elapsed_s)`` is called every ``progress_every`` decode steps and at the end of each
+      sub-batch (`callbacks.progress.RolloutProgress` puts it on the progress bar).
+    """
+
     def __init__(
         self,
         model,
@@ -124,6 +147,13 @@ class HFRolloutEngine:
         top_k: int = 0,
         eos_token_ids: list[int] | None = None,
         ignore_eos: bool = False,
+        max_rows_per_batch: int | None = None,
+        max_kv_tokens: int | None = None,
+        share_prompt_kv: bool = True,
+        share_prefix: bool = True,
+        max_prompt_tokens: int | None = None,
+        progress: ProgressFn | None = None,
+        progress_every: int = 16,
     ):
         from grace_lightning.models.backbone import eos_token_ids as _eos
 
@@ -135,6 +165,16 @@ class HFRolloutEngine:
         self.eos_ids = eos_token_ids or _eos(model, tokenizer)
         self.ignore_eos = ignore_eos  # always run max_new_tokens (benchmarks; vLLM's ignore_eos)
         self.pad_id = tokenizer.pad_token_id
+        self.max_rows_per_batch = max_rows_per_batch or None  # 0 / None = no limit
+        self.max_kv_tokens = max_kv_tokens or None
+        self.share_prompt_kv = share_prompt_kv
+        self.share_prefix = share_prefix
+        self.progress = progress
+        self.progress_every = max(1, int(progress_every))
+        # fail at startup, not after the first rollout: the longest allowed prompt must fit
+        check_budget(self.max_rows_per_batch, self.max_kv_tokens, max_prompt_tokens or 0, 0)
+        if max_prompt_tokens:
+            check_budget(None, self.max_kv_tokens, max_prompt_tokens, max_new_tokens)
 
     @torch.no_grad()
     def generate(
@@ -145,50 +185,138 @@ class HFRolloutEngine:
         system_len: int = 0,
         generator: torch.Generator | None = None,
         seeds: list[int] | None = None,
+        progress: ProgressFn | None = None,
     ) -> RolloutBatch:
         """Sample ``num_samples[p]`` responses to each prompt p at ``temperature[p]`` (0 = greedy).
 
         Randomness: with ``seeds`` (one per prompt) sample j of prompt p draws from its own
         stream seeded by (seeds[p], j), so a row's response depends on nothing else in the batch
-        (evaluation caches, DDP runs equal to single-process ones); otherwise all rows share
-        ``generator``. Either way sampling is inverse-CDF with one uniform per token.
+        (evaluation caches, DDP runs equal to single-process ones, sub-batches under a budget
+        equal to one batch); otherwise all rows share ``generator`` (then the sub-batch split
+        changes the draws). Either way sampling is inverse-CDF with one uniform per token.
+        ``progress`` overrides ``self.progress`` for this call.
         """
-        from transformers import DynamicCache
-
         model = self.model
         device = next(model.parameters()).device
-        decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-        cache_key = cache_kwarg(decoder)
         num_prompts = len(prompt_ids)
         counts = _per_prompt(num_samples, num_prompts, "num_samples")
         temps = torch.tensor(_per_prompt(temperature, num_prompts, "temperature"), device=device)
+        if seeds is not None and len(seeds) != num_prompts:
+            raise ValueError(f"seeds has {len(seeds)} entries for {num_prompts} prompts")
         row_to_prompt = torch.repeat_interleave(
             torch.arange(num_prompts, device=device), torch.tensor(counts, device=device)
         )
+        p_ids, p_mask = left_pad(prompt_ids, self.pad_id, device)  # (P, Lp)
+
+        segmented = self.share_prompt_kv and supports_segmented_cache(model)
+        prefix_len = (
+            shared_prefix_len(prompt_ids, system_len) if segmented and self.share_prefix else 0
+        )
+        batches = plan_batches(
+            [len(p) for p in prompt_ids],
+            counts,
+            self.max_new_tokens,
+            self.max_rows_per_batch,
+            self.max_kv_tokens,
+            prefix_len,
+            segmented,
+        )
+        prefix = None
+        if prefix_len:  # the system prompt + chat header, once for every prompt and sub-batch
+            decoder = model.get_decoder()
+            prefix = prefix_kv(
+                decoder, cache_kwarg(decoder), prompt_ids[0][:prefix_len], num_layers(model), device
+            )
+        tracker = _Progress(
+            progress or self.progress, int(row_to_prompt.numel()), self.progress_every
+        )
+        parts = [
+            self._sample(
+                pieces,
+                prompt_ids,
+                temps,
+                system_len,
+                generator,
+                seeds,
+                prefix,
+                prefix_len,
+                segmented,
+                tracker,
+                device,
+            )
+            for pieces in batches
+        ]
+        resp, resp_mask, logps, finished, pooled = _concat_rows(parts, self.pad_id, device)
+        return RolloutBatch(
+            prompt_ids=p_ids,
+            prompt_mask=p_mask,
+            row_to_prompt=row_to_prompt,
+            response_ids=resp,
+            response_mask=resp_mask,
+            finished=finished,
+            temperatures=temps[row_to_prompt],
+            logprobs=logps,
+            pooled=pooled,
+        )
+
+    def _sample(
+        self,
+        pieces: list[Piece],
+        all_prompts: list[list[int]],
+        all_temps: torch.Tensor,
+        system_len: int,
+        generator: torch.Generator | None,
+        seeds: list[int] | None,
+        prefix: list | None,
+        prefix_len: int,
+        segmented: bool,
+        tracker: _Progress,
+        device,
+    ) -> dict[str, torch.Tensor]:
+        """One sub-batch: prefill its prompts once, then sample every row of its pieces."""
+        from transformers import DynamicCache
+
+        model = self.model
+        decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+        cache_key = cache_kwarg(decoder)
+        prompts = [all_prompts[p] for p, _, _ in pieces]
+        counts = [n for _, _, n in pieces]
+        row_to_prompt = torch.repeat_interleave(
+            torch.arange(len(pieces), device=device), torch.tensor(counts, device=device)
+        )  # (N,) local prompt of each row
         n_rows, steps = row_to_prompt.numel(), self.max_new_tokens
 
-        # 1. prefill each distinct prompt once
-        p_ids, p_mask = left_pad(prompt_ids, self.pad_id, device)  # (P, Lp)
-        cache = DynamicCache(config=model.config)
+        # 1. prefill each distinct prompt once; with a shared prefix only the part after it
+        if segmented:
+            cache = SegmentedCache(num_layers(model), prefix)
+            ids, attn, pos = suffix_batch(prompts, prefix_len, self.pad_id, device)  # (P, T)
+            pool = pooling_mask(attn[:, prefix_len:], system_len - prefix_len)  # (P, T)
+        else:
+            cache = DynamicCache(config=model.config)
+            ids, attn = left_pad(prompts, self.pad_id, device)  # (P, Lp)
+            pos = positions_from_mask(attn)
+            pool = pooling_mask(attn, system_len)
         out = decoder(
-            input_ids=p_ids,
-            attention_mask=p_mask,
-            position_ids=positions_from_mask(p_mask),
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=pos,
             use_cache=True,
             **{cache_key: cache},
         )
-        hidden = out.last_hidden_state.float()  # (P, Lp, D)
-        pool = pooling_mask(p_mask, system_len)  # (P, Lp)
+        hidden = out.last_hidden_state.float()  # (P, T, D)
         prompt_sum = torch.where(pool[..., None], hidden, 0.0).sum(1)  # (P, D)
         last_logits = lm_head(out.last_hidden_state[:, -1])  # (P, V)
 
-        # 2. expand to one row per sample; all loop state below lives in "active row" space
-        cache.batch_select_indices(row_to_prompt)
-        active = torch.arange(n_rows, device=device)  # full-row index of each active row
-        attn = p_mask[row_to_prompt]  # (A, Lp + t)
+        # 2. one row per sample; all loop state below lives in "active row" space
+        if segmented:
+            cache.promote(row_to_prompt, capacity=steps)  # rows read their prompt's single copy
+        else:
+            cache.batch_select_indices(row_to_prompt)  # per-row copies of the prompt KV
+        active = torch.arange(n_rows, device=device)  # local row index of each active row
+        attn = attn[row_to_prompt]  # (A, Lp + t)
         logits = last_logits[row_to_prompt].float()  # (A, V)
-        next_pos = p_mask.sum(-1)[row_to_prompt]  # (A,)
-        row_temp = temps[row_to_prompt]  # (N,)
+        next_pos = torch.tensor([len(p) for p in prompts], device=device)[row_to_prompt]  # (A,)
+        row_temp = all_temps[torch.tensor([p for p, _, _ in pieces], device=device)][row_to_prompt]
         emb_sum = prompt_sum[row_to_prompt]  # (N, D)
         emb_count = pool.sum(-1)[row_to_prompt].float()  # (N,)
         resp = torch.full((n_rows, steps), self.pad_id, dtype=torch.long, device=device)
@@ -198,8 +326,7 @@ class HFRolloutEngine:
         eos = torch.tensor(self.eos_ids, device=device)
         uniforms = None  # (N, steps) per-row streams, drawn up front on the CPU
         if seeds is not None:
-            sample_idx = torch.cat([torch.arange(c) for c in counts]).tolist()
-            row_seeds = [row_seed(seeds[p], j) for p, j in zip(row_to_prompt.tolist(), sample_idx)]
+            row_seeds = [row_seed(seeds[p], first + j) for p, first, n in pieces for j in range(n)]
             uniforms = torch.stack(
                 [torch.rand(steps, generator=torch.Generator().manual_seed(x)) for x in row_seeds]
             ).to(device, torch.float64)
@@ -237,30 +364,77 @@ class HFRolloutEngine:
             emb_count[active] += 1
             next_pos = next_pos + 1
             finished[active[ended]] = True
+            n_ended = int(ended.sum())
+            tracker.step(n_ended, len(active))
 
             keep = ~ended
             if not keep.any() or t == steps - 1:
                 break
             # 5. finished rows leave the batch, so long stragglers run alone
-            if ended.any():
+            if n_ended:
                 idx = keep.nonzero().squeeze(-1)
                 cache.batch_select_indices(idx)
                 active, attn, h, next_pos = active[idx], attn[idx], h[idx], next_pos[idx]
             logits = lm_head(h).float()
+        tracker.finish_batch(n_rows)
 
         length = int(resp_mask.sum(-1).max().item()) if n_rows else 0
-        pooled = emb_sum / emb_count.clamp(min=1)[:, None]
-        return RolloutBatch(
-            prompt_ids=p_ids,
-            prompt_mask=p_mask,
-            row_to_prompt=row_to_prompt,
+        return dict(
             response_ids=resp[:, :length],
             response_mask=resp_mask[:, :length],
-            finished=finished,
-            temperatures=row_temp,
             logprobs=logps[:, :length],
-            pooled=pooled,
+            finished=finished,
+            pooled=emb_sum / emb_count.clamp(min=1)[:, None],
         )
+
+
+ProgressFn = Callable[[int, int, int, float], None]
+
+
+class _Progress:
+    """Counts rows and tokens over a request's sub-batches; calls ``fn`` every ``every`` steps."""
+
+    def __init__(self, fn: ProgressFn | None, total: int, every: int):
+        self.fn, self.total, self.every = fn, total, every
+        self.done = self.batch_done = self.tokens = self.steps = 0
+        self.start = time.perf_counter()
+
+    def step(self, rows_ended: int, tokens: int) -> None:
+        self.done += rows_ended
+        self.batch_done += rows_ended
+        self.tokens += tokens
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._call()
+
+    def finish_batch(self, rows: int) -> None:
+        """Rows still running at ``max_new_tokens`` are done too."""
+        self.done += rows - self.batch_done
+        self.batch_done = 0
+        self._call()
+
+    def _call(self) -> None:
+        if self.fn is not None:
+            self.fn(self.done, self.total, self.tokens, time.perf_counter() - self.start)
+
+
+def _concat_rows(parts: list[dict], pad_id: int, device):
+    """Sub-batches' rows in order, response dims right-padded to the longest."""
+    if not parts:
+        empty = torch.zeros((0, 0), dtype=torch.long, device=device)
+        none = torch.zeros(0, dtype=torch.bool, device=device)
+        return empty, empty, empty.float(), none, torch.zeros((0, 0), device=device)
+    length = max(p["response_ids"].size(1) for p in parts)
+
+    def pad(x, value):
+        return F.pad(x, (0, length - x.size(1)), value=value)
+
+    resp = torch.cat([pad(p["response_ids"], pad_id) for p in parts])  # (N, R)
+    mask = torch.cat([pad(p["response_mask"], 0) for p in parts])  # (N, R)
+    logps = torch.cat([pad(p["logprobs"], 0.0) for p in parts])  # (N, R)
+    finished = torch.cat([p["finished"] for p in parts])  # (N,)
+    pooled = torch.cat([p["pooled"] for p in parts])  # (N, D)
+    return resp, mask, logps, finished, pooled
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
