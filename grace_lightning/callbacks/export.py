@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from pathlib import Path
 
 import lightning as L
+
+# the implementation lives in grace_lightning.export (sentence-transformers files, model card)
+from grace_lightning.export import save_policy
+
+__all__ = ["ExportPolicy", "save_policy"]
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +28,3 @@ class ExportPolicy(L.Callback):
         if trainer.is_global_zero and not trainer.fast_dev_run:
             path = pl_module.export(self.dirpath)
             log.info("exported policy to %s", path)
-
-
-def save_policy(policy, tokenizer, directory: str | Path, meta: dict, peft: bool) -> Path:
-    """``save_pretrained`` model + tokenizer + ``grace_config.json``; with PEFT the adapter goes
-    to ``adapter/`` and a merged plain model to ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if peft:
-        policy.save_pretrained(directory / "adapter")
-        policy = copy.deepcopy(policy).merge_and_unload()
-    policy.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / "grace_config.json").write_text(json.dumps(meta, indent=2))
-    return directory

@@ -16,16 +16,21 @@ a :class:`~grace_lightning.eval.cache.RationaleCache`.
     enc = GraceEncoder.from_backbone(BackboneConfig(), mode="rationale", max_new_tokens=256)
     vecs, why = enc.encode(["A man is playing a guitar."], return_rationales=True)
 
-The ``encode`` signature follows ``SentenceTransformer.encode`` (batch_size, show_progress_bar,
-normalize_embeddings, convert_to_numpy / convert_to_tensor, a single string gives a 1-D vector);
-``prompt_type`` ("query" / "document") picks a system prompt from ``prompts`` (default: the same
-prompt for both, as upstream).
+The ``encode`` signature follows ``SentenceTransformer.encode`` (``prompt_name`` / ``prompt``,
+batch_size, show_progress_bar, normalize_embeddings, convert_to_numpy / convert_to_tensor,
+``device``; a single string gives a 1-D vector), with ``encode_query`` / ``encode_document``.
+As in sentence-transformers, ``prompts`` maps prompt names to prompts and ``default_prompt_name``
+picks one when none is given, but here a prompt is the SYSTEM prompt of the chat template (GRACE
+pools after it), not a text prefix: ``prompts={"query": "...", "document": "..."}``. Without one,
+the encoder's ``system_prompt`` is used (query and document alike, as upstream). ``prompt_type``
+is the old name of ``prompt_name`` (deprecated).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,7 @@ class GraceEncoder:
         mode: str = "rationale",
         system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         prompts: dict[str, str | None] | None = None,
+        default_prompt_name: str | None = None,
         max_prompt_tokens: int = 1024,
         generation: GenerationSettings | dict | None = None,
         cache: RationaleCache | str | Path | None = None,
@@ -100,7 +106,13 @@ class GraceEncoder:
         self.tokenizer = tokenizer
         self.mode = mode
         self.system_prompt = system_prompt
-        self.prompts = dict(prompts or {})
+        self.prompts = {k: v for k, v in dict(prompts or {}).items()}  # name -> system prompt
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError(
+                f"default_prompt_name={default_prompt_name!r} is not in prompts "
+                f"({sorted(self.prompts)}); add it to prompts or drop default_prompt_name"
+            )
+        self.default_prompt_name = default_prompt_name
         self.max_prompt_tokens = max_prompt_tokens
         if isinstance(generation, dict):
             generation = GenerationSettings(**generation)
@@ -168,6 +180,14 @@ class GraceEncoder:
             raise RunDirError(f"{export}: could not load the exported model: {e}") from e
         kwargs.setdefault("system_prompt", grace_cfg.get("system_prompt", DEFAULT_SYSTEM_PROMPT))
         kwargs.setdefault("max_prompt_tokens", int(grace_cfg.get("max_prompt_tokens", 1024)))
+        if grace_cfg.get("prompts"):
+            kwargs.setdefault("prompts", grace_cfg["prompts"])
+        if grace_cfg.get("embedding_mode") in MODES:
+            kwargs.setdefault("mode", grace_cfg["embedding_mode"])
+        if isinstance(grace_cfg.get("generation"), dict):  # what the export's own module uses
+            known = set(GenerationSettings.__dataclass_fields__)
+            gen = {k: v for k, v in grace_cfg["generation"].items() if k in known}
+            kwargs.setdefault("generation", GenerationSettings(**gen))
         run = export.resolve().parent if export.name == "export" else export.resolve()
         kwargs.setdefault("name", run.name)
         return cls(model, tokenizer, source_dir=export, **kwargs)
@@ -202,9 +222,25 @@ class GraceEncoder:
                 self._fingerprint = state_dict_fingerprint(self.model)
         return self._fingerprint
 
-    def prompter(self, prompt_type: str | None = None) -> ChatPrompter:
-        system_prompt = self.prompts.get(prompt_type) if prompt_type else None
-        system_prompt = system_prompt or self.system_prompt
+    def get_sentence_embedding_dimension(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def resolve_system_prompt(self, prompt_name: str | None = None, prompt: str | None = None):
+        """The system prompt of a call: ``prompt``, else ``prompts[prompt_name]``, else
+        ``prompts[default_prompt_name]``, else ``system_prompt`` (a ``None`` entry falls back)."""
+        if prompt is not None:
+            return prompt or self.system_prompt
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is not None and name not in self.prompts:
+            if prompt_name is not None and prompt_name not in ("query", "document"):
+                raise ValueError(
+                    f"prompt_name={prompt_name!r} is not in prompts ({sorted(self.prompts)})"
+                )
+            name = None  # query/document without their own prompt: the default, as upstream
+        return (self.prompts.get(name) if name is not None else None) or self.system_prompt
+
+    def prompter(self, prompt_name: str | None = None, prompt: str | None = None) -> ChatPrompter:
+        system_prompt = self.resolve_system_prompt(prompt_name, prompt)
         if system_prompt not in self._prompters:
             self._prompters[system_prompt] = ChatPrompter(
                 self.tokenizer,
@@ -226,29 +262,45 @@ class GraceEncoder:
     # ------------------------------------------------------------------ encode
     def encode(
         self,
-        texts: str | list[str],
+        sentences: str | list[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         batch_size: int = 16,
         show_progress_bar: bool | None = None,
-        normalize_embeddings: bool = False,
         convert_to_numpy: bool = True,
         convert_to_tensor: bool = False,
-        prompt_type: str | None = None,
+        normalize_embeddings: bool = False,
+        device: str | torch.device | None = None,
         return_rationales: bool = False,
         mode: str | None = None,
+        prompt_type: str | None = None,
     ):
-        """Embed ``texts``: (N, D) (1-D for a single string), float32.
+        """Embed ``sentences``: (N, D) (1-D for a single string), float32.
 
-        ``return_rationales=True`` returns ``(embeddings, rationales)``; rationales are ``None``
-        in base mode. ``mode`` overrides the encoder's mode for this call.
+        ``prompt_name`` / ``prompt``: the system prompt (see the module docstring). ``device``
+        moves the model there first. ``return_rationales=True`` returns
+        ``(embeddings, rationales)``; rationales are ``None`` in base mode. ``mode`` overrides the
+        encoder's mode for this call. ``prompt_type``: deprecated alias of ``prompt_name``.
         """
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
+        if prompt_type is not None:
+            warnings.warn(
+                "GraceEncoder.encode(prompt_type=...) is deprecated: use prompt_name=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            prompt_name = prompt_name if prompt_name is not None else prompt_type
+        if isinstance(prompt_name, int):  # old positional call encode(texts, batch_size)
+            prompt_name, batch_size = None, prompt_name
+        if device is not None and torch.device(device) != self.device:
+            self.model.to(device)
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
         if show_progress_bar is None:
             show_progress_bar = log.getEffectiveLevel() <= logging.INFO
-        prompter = self.prompter(prompt_type)
+        prompter = self.prompter(prompt_name, prompt)
         if not texts:
             emb, rationales = torch.empty(0, self.model.config.hidden_size), []
         elif mode == "base":
@@ -263,9 +315,24 @@ class GraceEncoder:
         out = emb if convert_to_tensor or not convert_to_numpy else emb.numpy()
         return (out, rationales) if return_rationales else out
 
+    def encode_query(self, sentences, prompt_name: str | None = None, **kwargs: Any):
+        """``encode`` with the ``"query"`` system prompt (if ``prompts`` has one)."""
+        if prompt_name is None and kwargs.get("prompt") is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name, **kwargs)
+
+    def encode_document(self, sentences, prompt_name: str | None = None, **kwargs: Any):
+        """``encode`` with the ``"document"`` (or ``"passage"`` / ``"corpus"``) system prompt."""
+        if prompt_name is None and kwargs.get("prompt") is None:
+            prompt_name = next(
+                (n for n in ("document", "passage", "corpus") if n in self.prompts), None
+            )
+        return self.encode(sentences, prompt_name, **kwargs)
+
     def rationales(self, texts: list[str], batch_size: int = 16, **kwargs: Any) -> list[str]:
         """Just the rationales (generated or cached)."""
-        return self.encode(texts, batch_size, return_rationales=True, mode="rationale", **kwargs)[1]
+        kwargs.update(batch_size=batch_size, return_rationales=True, mode="rationale")
+        return self.encode(texts, **kwargs)[1]
 
     def similarity(self, a, b) -> torch.Tensor:
         """Cosine similarity matrix (the paper's and upstream's similarity)."""
@@ -360,6 +427,8 @@ def _saved_dtype(export: Path) -> str:
 
     if not torch.cuda.is_available():
         return "float32"
+    if not (export / "config.json").exists():  # adapter-only export: the base decides
+        return "bfloat16"
     cfg = json.loads((export / "config.json").read_text())
     return str(cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16")
 

@@ -28,13 +28,16 @@ def find_export_dir(path: str | Path) -> Path:
         raise RunDirError(f"{path}: not a directory (expected a run dir or its export/)")
     if (path / "export").is_dir():
         return path / "export"
-    if (path / "config.json").exists() or (path / "grace_config.json").exists():
+    if any(
+        (path / f).exists() for f in ("config.json", "grace_config.json", "adapter_config.json")
+    ):
         return path
-    hint = ""
+    hint = " Give a train.py run dir, its export/, or a .ckpt (eval.py model=<path.ckpt>)."
     if (path / "checkpoints").is_dir():
         hint = (
-            " It has checkpoints/ but no export/: the export is written when training ends "
-            "(ExportPolicy); export a checkpoint first."
+            " It has checkpoints/ but no export/ (written when training ends): export a "
+            f"checkpoint with `python -m grace_lightning.export {path}`, or evaluate one "
+            f"directly with `python eval.py model={path}/checkpoints/last.ckpt`."
         )
     raise RunDirError(
         f"{path}: neither a run dir (no export/) nor an export dir (no config.json).{hint}"
@@ -75,7 +78,17 @@ def check_safetensors(path: Path) -> None:
 
 
 def check_export_dir(export: Path) -> dict[str, Any]:
-    """Check config, weights and tokenizer files; return ``grace_config.json`` ({} if absent)."""
+    """Check config, weights and tokenizer files; return ``grace_config.json`` ({} if absent).
+
+    An adapter-only export (``adapter_config.json``, ``python -m grace_lightning.export
+    --adapter-only``) needs its adapter weights and tokenizer; the base model is fetched on load.
+    """
+    export = Path(export)
+    if (export / "adapter_config.json").exists() and not (export / "config.json").exists():
+        _check_adapter(export)
+        _check_tokenizer(export)
+        grace = export / "grace_config.json"
+        return dict(_read_json(grace, "GRACE export config")) if grace.exists() else {}
     config = _read_json(export / "config.json", "model config")
     if not isinstance(config, dict) or not (
         config.get("model_type") or config.get("architectures")
@@ -99,6 +112,25 @@ def check_export_dir(export: Path) -> dict[str, Any]:
             f"or pytorch_model.bin)"
         )
 
+    _check_tokenizer(export)
+    grace = export / "grace_config.json"
+    return dict(_read_json(grace, "GRACE export config")) if grace.exists() else {}
+
+
+def _check_adapter(export: Path) -> None:
+    cfg = _read_json(export / "adapter_config.json", "PEFT adapter config")
+    if (export / "adapter_model.safetensors").exists():
+        check_safetensors(export / "adapter_model.safetensors")
+    elif not (export / "adapter_model.bin").exists():
+        raise RunDirError(f"{export}: adapter weights are missing (adapter_model.safetensors)")
+    if not cfg.get("base_model_name_or_path"):
+        raise RunDirError(
+            f"{export / 'adapter_config.json'}: no base_model_name_or_path; re-export merged "
+            f"(without --adapter-only)"
+        )
+
+
+def _check_tokenizer(export: Path) -> None:
     if (export / "tokenizer.json").exists():
         _read_json(export / "tokenizer.json", "tokenizer")
     elif not (export / "tokenizer_config.json").exists():
@@ -107,6 +139,3 @@ def check_export_dir(export: Path) -> dict[str, Any]:
         )
     if (export / "tokenizer_config.json").exists():
         _read_json(export / "tokenizer_config.json", "tokenizer config")
-
-    grace = export / "grace_config.json"
-    return dict(_read_json(grace, "GRACE export config")) if grace.exists() else {}
