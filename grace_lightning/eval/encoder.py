@@ -194,11 +194,21 @@ class GraceEncoder:
 
     @classmethod
     def from_pretrained(cls, hub_id_or_dir: str | Path, **kwargs: Any) -> GraceEncoder:
-        """A local directory (run / export / plain HF model dir) or a Hugging Face Hub id."""
+        """A local directory (run / export / plain HF model dir) or a Hugging Face Hub id.
+
+        A Hub repo with a ``grace_config.json`` (a pushed export) is loaded like an export (its
+        system prompt, prompts, mode and generation settings); any other id as a plain backbone.
+        """
         if Path(hub_id_or_dir).exists():
             return cls.from_run_dir(hub_id_or_dir, **kwargs)
-        name = str(hub_id_or_dir).rstrip("/").split("/")[-1]
-        backbone = BackboneConfig(name=name, source="hub", pretrained=str(hub_id_or_dir))
+        hub_id = str(hub_id_or_dir)
+        _check_hub(hub_id)
+        if (snapshot := _grace_snapshot(hub_id, kwargs.get("revision"))) is not None:
+            kwargs.pop("revision", None)
+            kwargs.setdefault("name", hub_id.rstrip("/").split("/")[-1])
+            return cls.from_run_dir(snapshot, **kwargs)
+        name = hub_id.rstrip("/").split("/")[-1]
+        backbone = BackboneConfig(name=name, source="hub", pretrained=hub_id)
         if "dtype" not in kwargs or kwargs["dtype"] is None:
             kwargs["dtype"] = "bfloat16" if torch.cuda.is_available() else "float32"
         return cls.from_backbone(backbone, **kwargs)
@@ -440,6 +450,25 @@ def _hub_message(hub_id: str, err: Exception | None = None) -> str:
         f"cannot be reached{why}. Offline, use model=smollm2 (the embedded default), model=tiny, "
         f"or a local run/export dir."
     )
+
+
+def _grace_snapshot(hub_id: str, revision: str | None = None) -> Path | None:
+    """The local snapshot of a Hub repo that is a GRACE export, else None."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        hf_hub_download(hub_id, "grace_config.json", revision=revision)
+    except EntryNotFoundError:
+        return None
+    except Exception as e:
+        if hub_offline():  # _check_hub found the repo in the cache, without grace_config.json
+            return None  # offline, no such repo, gated: say which and what to do
+        if type(e).__name__ in ("RepositoryNotFoundError", "GatedRepoError"):
+            raise HubUnavailableError(f"model {hub_id!r}: {type(e).__name__}: {e}") from e
+        raise HubUnavailableError(_hub_message(hub_id, e)) from e
+    patterns = ["*.json", "*.safetensors", "*.py", "*.jinja", "*.txt", "*.model", "*.md"]
+    return Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
 
 
 def _check_hub(hub_id: str) -> None:

@@ -49,12 +49,48 @@ def backbone_config(name: str, conf_dir: Path | None = None) -> dict[str, Any] |
     return None
 
 
+def checkpoint_export(ckpt: Path) -> Path:
+    """The export of a ``.ckpt`` for evaluation: made once under ``$GRACE_CACHE/exports/``
+    (keyed by the checkpoint's path, size and mtime), reused while the checkpoint is unchanged."""
+    import hashlib
+    import shutil
+
+    from grace_lightning.eval.rundir import check_export_dir
+    from grace_lightning.export import export_checkpoint
+    from grace_lightning.models.backbone import cache_root
+
+    ckpt = ckpt.resolve()
+    st = ckpt.stat()
+    key = hashlib.sha256(f"{ckpt}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    target = cache_root() / "exports" / f"{run.name}-{ckpt.stem}-{key}"
+    if target.is_dir():
+        try:
+            check_export_dir(target)
+            log.info("model=%s: using its export %s", ckpt, target)
+            return target
+        except RunDirError:
+            shutil.rmtree(target, ignore_errors=True)  # half-written by a killed run: redo
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("model=%s: exporting to %s", ckpt, target)
+    export_checkpoint(ckpt, tmp, run_dir=run)
+    tmp.rename(target)
+    return target
+
+
 def load_encoder(spec: str, **kwargs: Any) -> GraceEncoder:
-    """``spec``: a backbone name (``conf/backbone``), a run/export dir, or a Hub id."""
+    """``spec``: a backbone name (``conf/backbone``), a run/export dir, a ``.ckpt``, a Hub id."""
     spec = str(spec)
     if (cfg := backbone_config(spec)) is not None:
         return GraceEncoder.from_backbone(cfg, **kwargs)
     path = Path(spec).expanduser()
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise RunDirError(f"model={spec}: no such checkpoint file")
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        kwargs.setdefault("name", f"{run.name}-{path.stem}")
+        return GraceEncoder.from_run_dir(checkpoint_export(path), **kwargs)
     if path.exists():
         return GraceEncoder.from_run_dir(path, **kwargs)
     if _looks_like_path(spec):
@@ -192,8 +228,10 @@ def _prompt_kwargs(prompt: Mapping[str, Any]) -> dict[str, Any]:
         kwargs["system_prompt"] = prompt["system_prompt"]
     if prompt.get("max_prompt_tokens") is not None:
         kwargs["max_prompt_tokens"] = int(prompt["max_prompt_tokens"])
-    if prompt.get("query") or prompt.get("document"):
-        kwargs["prompts"] = {k: prompt.get(k) for k in ("query", "document")}
+    prompts = {k: prompt.get(k) for k in ("query", "document") if prompt.get(k)}
+    prompts.update({k: v for k, v in dict(prompt.get("by_task") or {}).items() if v})
+    if prompts:
+        kwargs["prompts"] = prompts
     return kwargs
 
 

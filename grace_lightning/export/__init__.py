@@ -29,6 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from grace_lightning.eval.rundir import RunDirError
+
 log = logging.getLogger(__name__)
 
 ST_MODULE_FILE = "grace_embedding.py"  # copied into every export
@@ -42,7 +44,7 @@ _OPTIONS: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(RunDirError):
     """Bad input to the exporter: the message names the path and what to do."""
 
 
