@@ -27,7 +27,16 @@ _LAZY = {
     "DEFAULT_SYSTEM_PROMPT": ("grace_lightning.prompts", "DEFAULT_SYSTEM_PROMPT"),
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "GenerationSettings",
+    "GraceEncoder",
+    "GraceMTEBModel",
+    "__version__",
+    "export_checkpoint",
+    "export_run",
+    "grace_model_meta",
+]
 
 if TYPE_CHECKING:
     from grace_lightning.eval.encoder import GenerationSettings, GraceEncoder
