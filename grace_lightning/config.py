@@ -2,14 +2,116 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import importlib
+import importlib.util
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     pass
 
 
+# Numeric knobs and their type: "int", "float" (an int is fine), "?" suffix = null allowed.
+# Keys that are absent from the composed config are not checked (e.g. algo keys of other
+# methods); a key that is present must have the type.
+NUMERIC_KEYS: dict[str, str] = {
+    "seed": "int?",
+    "prompt.max_prompt_tokens": "int",
+    "optim.lr": "float",
+    "optim.weight_decay": "float",
+    "optim.eps": "float",
+    "optim.grad_clip": "float?",
+    "rollout.num_generations": "int",
+    "rollout.temperature": "float",
+    "rollout.anchor_temperature": "float",
+    "rollout.max_new_tokens": "int",
+    "rollout.top_p": "float",
+    "rollout.top_k": "int",
+    "reward.tau": "float",
+    "reward.lambda_consistency": "float",
+    "reward.lambda_hard": "float",
+    "reward.truncation_value": "float",
+    "algo.epsilon_low": "float",
+    "algo.epsilon_high": "float",
+    "algo.dual_clip": "float?",
+    "algo.num_iterations": "int",
+    "algo.prompts_per_minibatch": "int",
+    "algo.beta": "float",
+    "algo.micro_batch_size": "int?",
+    "algo.max_tokens_per_micro_batch": "int?",
+    "data.prompts_per_step": "int",
+    "data.max_examples": "int?",
+    "data.val_fraction": "float",
+    "data.max_prompt_tokens": "int?",
+    "data.num_workers": "int",
+    "peft.r": "int",
+    "peft.lora_alpha": "float",
+    "peft.lora_dropout": "float",
+    "trainer.max_steps": "int",
+    "trainer.max_epochs": "int?",
+    "trainer.num_nodes": "int",
+    "trainer.log_every_n_steps": "int",
+    "trainer.limit_val_batches": "float",
+    "callbacks.model_checkpoint.every_n_rollout_batches": "int?",
+    "callbacks.model_checkpoint.every_n_minutes": "float?",
+    "callbacks.model_checkpoint.every_n_epochs": "int?",
+    "callbacks.model_checkpoint.save_top_k": "int",
+    "model.tau": "float",
+    "model.warmup_steps": "int",
+    "model.max_text_tokens": "int?",
+}
+BOOL_KEYS = (
+    "rollout.ignore_eos",
+    "algo.share_prompt",
+    "algo.dynamic_sampling",
+    "optim.master_weights_fp32",
+    "model.gradient_checkpointing",
+    "trainer.enable_progress_bar",
+    "trainer.deterministic",
+)
+
+
+def _select(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value) without resolving anything but the key itself."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Numeric and boolean knobs have their type; the message names the key (``optim.lr:
+    expected a number, got 'abc'``). Runs before any other check and before any model loads."""
+    for key, kind in NUMERIC_KEYS.items():
+        present, value = _select(cfg, key)
+        if not present or (value is None and kind.endswith("?")):
+            continue
+        want_int = kind.startswith("int")
+        ok = isinstance(value, int) if want_int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok:
+            what = "an integer" if want_int else "a number"
+            null = " (or null)" if kind.endswith("?") else ""
+            raise ConfigError(f"{key}: expected {what}{null}, got {value!r}")
+    for key in BOOL_KEYS:
+        present, value = _select(cfg, key)
+        if present and value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    present, betas = _select(cfg, "optim.betas")
+    if present and not (
+        isinstance(betas, (list, ListConfig))
+        and len(betas) == 2
+        and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+    ):
+        shown = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
+        raise ConfigError(f"optim.betas: expected two numbers like [0.9, 0.999], got {shown!r}")
+
+
 def validate(cfg: DictConfig) -> None:
+    check_types(cfg)
     r, a, rw, d = cfg.rollout, cfg.algo, cfg.reward, cfg.data
     k = r.num_generations
     if rw.mode not in ("sup", "unsup"):
@@ -52,3 +154,8 @@ def validate(cfg: DictConfig) -> None:
         from grace_lightning.contrastive import check_args
 
         check_args(model.objective, model.get("data_mode"), model.tau, model.lr_schedule)
+    if importlib.util.find_spec("grace_lightning.rl.update") is not None:
+        # the update loop's own checks (micro-batch sizes, token budgets), when it has them
+        update = importlib.import_module("grace_lightning.rl.update")
+        if hasattr(update, "validate_update_config"):
+            update.validate_update_config(cfg)

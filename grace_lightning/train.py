@@ -15,6 +15,7 @@ from grace_lightning.config import validate
 from grace_lightning.models.backbone import BackboneConfig, load_tokenizer
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.utils.resume import persist_wandb_id
+from grace_lightning.utils.slurm import hand_requeue_signal_to_lightning
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +27,42 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c and "_target_" in c]
 
 
+def drop_lr_monitor_without_logger(callbacks: list[Any], loggers: list[Any]) -> list[Any]:
+    """Lightning refuses ``LearningRateMonitor`` without a logger (``logger=none``): drop it."""
+    if loggers:
+        return callbacks
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if len(kept) != len(callbacks):
+        log.info("logger=none: no learning-rate monitor (it needs a logger)")
+    return kept
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
+    """``cfg.trainer`` -> ``L.Trainer``; plugins whose factory returned None (e.g. the SLURM
+    environment off SLURM) are dropped, as is the LR monitor when there is no logger."""
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    plugins = [hydra.utils.instantiate(p) for p in tcfg.pop("plugins", None) or []]
+    plugins = [p for p in plugins if p is not None]
+    return hydra.utils.instantiate(
+        tcfg,
+        callbacks=drop_lr_monitor_without_logger(callbacks, loggers),
+        logger=loggers or False,
+        plugins=plugins or None,
+    )
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last`` means this run dir's ``checkpoints/last.ckpt`` if it exists (fresh start if not)."""
+    """``last``: the newest of this run dir's ``checkpoints/last.ckpt`` and the
+    ``hpc_ckpt_<n>.ckpt`` Lightning saves on the SLURM requeue signal; a fresh start if none."""
     if ckpt_path != "last":
         return ckpt_path
-    last = Path(output_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.exists() else None
+    run_dir = Path(output_dir)
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.exists()]
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    found += hpc[-1:]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -50,14 +81,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     persist_wandb_id(cfg)  # a resumed run (ckpt_path=last) logs to the same W&B run
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
-    )
+    trainer = build_trainer(cfg, callbacks, loggers)
     hparams = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
     hparams = OmegaConf.to_container(OmegaConf.create(hparams), resolve=True)
     for lg in loggers:
         lg.log_hyperparams(hparams)
 
+    hand_requeue_signal_to_lightning(trainer)  # SLURM: USR2 -> save hpc_ckpt + requeue
     trainer.fit(
         model,
         datamodule=datamodule,

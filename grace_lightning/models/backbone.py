@@ -232,3 +232,54 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))
+
+
+def decoder_layer_classes(model_or_config: Any) -> set[type[torch.nn.Module]]:
+    """The classes FSDP must not split (one wrap unit each): the model's ``_no_split_modules``,
+    e.g. ``{LlamaDecoderLayer}`` for Llama/SmolLM2, ``{Qwen2DecoderLayer}`` for Qwen2.5.
+
+    ``model_or_config``: a module (searched, PEFT-wrapped or inside a LightningModule: every
+    transformers model in it counts) or a :class:`BackboneConfig`/dict (its architecture is
+    looked up from the config alone; ``hub`` needs the config file locally or the Hub).
+    """
+    if isinstance(model_or_config, torch.nn.Module):
+        return _layer_classes_in(model_or_config)
+    cfg = model_or_config
+    if not isinstance(cfg, BackboneConfig):
+        cfg = BackboneConfig(**dict(cfg))
+    from transformers import AutoConfig, LlamaConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if cfg.source == "tiny":
+        config = LlamaConfig()
+    elif cfg.source == "gguf":
+        config = AutoConfig.from_pretrained(convert_gguf(cfg))
+    else:
+        config = AutoConfig.from_pretrained(
+            cfg.pretrained, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return _resolve_names(model_cls, model_cls._no_split_modules or [])
+
+
+def _layer_classes_in(module: torch.nn.Module) -> set[type[torch.nn.Module]]:
+    from transformers import PreTrainedModel
+
+    names: set[str] = set()
+    for m in module.modules():
+        if isinstance(m, PreTrainedModel):
+            names.update(m._no_split_modules or [])
+    found = {type(m) for m in module.modules() if type(m).__name__ in names}
+    if names and not found:
+        raise ValueError(f"no module of the no-split classes {sorted(names)} in the model")
+    return found
+
+
+def _resolve_names(model_cls: type, names: list[str]) -> set[type[torch.nn.Module]]:
+    import sys
+
+    where = sys.modules[model_cls.__module__]
+    classes = {getattr(where, n, None) for n in names}
+    if None in classes or not classes:
+        raise ValueError(f"{model_cls.__name__}: cannot resolve no-split modules {names}")
+    return classes  # type: ignore[return-value]

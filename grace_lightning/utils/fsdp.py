@@ -1,0 +1,213 @@
+"""FSDP that shards: one FSDP unit per decoder layer, found from the backbone at wrap time.
+
+``conf/trainer/fsdp.yaml`` builds :func:`fsdp_strategy`. Without an auto-wrap policy, FSDP
+makes the whole LightningModule one unit: every parameter is gathered for the whole step and
+nothing is sharded in practice. Here the policy is the backbone's ``_no_split_modules``
+(``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...; :func:`grace_lightning.models.backbone.decoder_layer_classes`),
+resolved from the model when Lightning wraps it, so one config fits every backbone. The
+same classes can get activation checkpointing (``activation_checkpointing: true``).
+
+:class:`GraceFSDPStrategy` also runs on CPU (gloo), for tests: Lightning refuses
+``FSDPStrategy`` with ``accelerator=cpu`` by an exact type check and passes ``device_id=None``,
+which torch's FSDP rejects on a machine without an accelerator ("FSDP needs a non-CPU
+accelerator device"); with ``device_id=cpu`` torch 2.x FSDP runs on gloo. Full state dicts on
+CPU are gathered without ``offload_to_cpu`` (offloading a CPU tensor to the CPU frees the
+gathered storage under itself: a segfault in torch 2.13).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+log = logging.getLogger(__name__)
+
+WRAP_CHOICES = ("decoder_layer", "none")
+
+
+class GraceFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` + per-decoder-layer wrapping + CPU (gloo) support.
+
+    Args:
+        auto_wrap: ``decoder_layer`` (one unit per ``_no_split_modules`` class of the backbone)
+            or ``none`` (the whole module is one unit; Lightning's default).
+        activation_checkpointing: recompute each decoder layer's activations in backward
+            (FSDP's checkpoint wrapper on the same classes).
+        **kwargs: ``FSDPStrategy`` arguments (``sharding_strategy``, ``cpu_offload``,
+            ``state_dict_type``, ...).
+    """
+
+    strategy_name = "grace_fsdp"
+
+    def __init__(
+        self, auto_wrap: str = "decoder_layer", activation_checkpointing: bool = False, **kwargs
+    ) -> None:
+        if auto_wrap not in WRAP_CHOICES:
+            raise ValueError(f"trainer.strategy.auto_wrap={auto_wrap!r}: use one of {WRAP_CHOICES}")
+        for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+            if kwargs.get(key) is not None:
+                raise ValueError(
+                    f"trainer.strategy.{key}: set by the backbone here; use auto_wrap / "
+                    f"activation_checkpointing"
+                )
+        super().__init__(**kwargs)
+        self.auto_wrap = auto_wrap
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.layer_classes: set[type[torch.nn.Module]] = set()
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        from grace_lightning.models.backbone import decoder_layer_classes
+
+        if self.auto_wrap == "decoder_layer" or self.activation_checkpointing:
+            self.layer_classes = decoder_layer_classes(model)
+            log.info("FSDP: one unit per %s", sorted(c.__name__ for c in self.layer_classes))
+        if self.auto_wrap == "decoder_layer":
+            self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(self.layer_classes)
+        if self.activation_checkpointing:
+            self._activation_checkpointing_kwargs = {
+                "auto_wrap_policy": ModuleWrapPolicy(self.layer_classes)
+            }
+        already = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        if self.root_device.type != "cpu" or already:
+            return super()._setup_model(model)
+        # CPU: the same as FSDPStrategy._setup_model, with device_id=cpu (see module doc)
+        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+
+        wrapped = FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        return wrapped
+
+    @contextlib.contextmanager
+    def _cpu_safe_full_state_dicts(self) -> Iterator[None]:
+        """On CPU, Lightning's full-state-dict context without ``offload_to_cpu``."""
+        if self.root_device.type != "cpu":
+            yield
+            return
+        import lightning.pytorch.strategies.fsdp as lightning_fsdp
+
+        original = lightning_fsdp._get_full_state_dict_context
+
+        def no_offload(module, world_size, rank0_only=True):
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+            return FSDP.state_dict_type(
+                module=module,
+                state_dict_type=StateDictType.FULL_STATE_DICT,
+                state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+                optim_state_dict_config=FullOptimStateDictConfig(
+                    offload_to_cpu=False, rank0_only=rank0_only
+                ),
+            )
+
+        lightning_fsdp._get_full_state_dict_context = no_offload
+        try:
+            yield
+        finally:
+            lightning_fsdp._get_full_state_dict_context = original
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        with self._cpu_safe_full_state_dicts():
+            return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer) -> dict[str, torch.Tensor]:
+        with self._cpu_safe_full_state_dicts():
+            return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
+        with self._cpu_safe_full_state_dicts():
+            return super().load_checkpoint(checkpoint_path)
+
+
+def fsdp_strategy(**kwargs: Any) -> GraceFSDPStrategy:
+    """Hydra factory for ``trainer.strategy`` (conf/trainer/fsdp*.yaml)."""
+    return GraceFSDPStrategy(**kwargs)
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The LightningModule's full (unsharded) state dict under a sharded strategy, else None.
+
+    COLLECTIVE under FSDP: every rank must call it; rank 0 gets the tensors, other ranks an
+    empty dict (``rank0_only``). Keys are the LightningModule's (``policy.model.layers.0...``).
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, FSDPStrategy):
+        return None
+    saved = strategy._state_dict_type
+    strategy._state_dict_type = "full"  # a sharded checkpoint setting must not shard the export
+    try:
+        return strategy.lightning_module_state_dict()
+    finally:
+        strategy._state_dict_type = saved
+
+
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def submodule_state_dict(full: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """``{"policy.model.x": t}`` -> ``{"model.x": t}`` for ``prefix="policy"`` (wrapper names
+    removed)."""
+    out = {}
+    for key, value in full.items():
+        for part in _WRAPPER_PARTS:
+            key = key.replace(part, "")
+        if key.startswith(prefix + "."):
+            out[key[len(prefix) + 1 :]] = value
+    return out
+
+
+def unsharded_policy_copy(pl_module, policy_state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unwrapped) copy of ``pl_module.policy`` holding ``policy_state``: same
+    architecture and config, LoRA adapters re-attached when ``pl_module.peft_cfg`` is set."""
+    from transformers import AutoModelForCausalLM
+
+    policy = pl_module.policy
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    dtype = next((v.dtype for v in policy_state.values() if v.is_floating_point()), torch.float32)
+    fresh = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    fresh.generation_config = base.generation_config
+    if getattr(pl_module, "peft_cfg", None):
+        from grace_lightning.module import wrap_lora
+
+        fresh = wrap_lora(fresh, pl_module.peft_cfg)
+    missing, unexpected = fresh.load_state_dict(policy_state, strict=False)
+    tied = set(getattr(fresh, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if not any(k.endswith(t) for t in tied)]
+    missing = [k for k in missing if not k.endswith("lm_head.weight")] if _tied(base) else missing
+    if missing or unexpected:
+        raise RuntimeError(
+            f"gathered FSDP state dict does not fit the policy: missing={missing[:5]} "
+            f"unexpected={unexpected[:5]}"
+        )
+    return fresh.eval()
+
+
+def _tied(model) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+@contextlib.contextmanager
+def policy_swapped(pl_module, policy: torch.nn.Module) -> Iterator[None]:
+    """Temporarily make ``pl_module.policy`` another module (the export reads it)."""
+    original = pl_module.policy
+    pl_module.policy = policy
+    try:
+        yield
+    finally:
+        pl_module.policy = original
