@@ -19,12 +19,30 @@ class ExportPolicy(L.Callback):
     """``save_pretrained`` the policy + tokenizer (+ ``grace_config.json``) into ``dirpath``.
 
     The export is what ``GraceEncoder.from_run_dir`` and plain ``AutoModelForCausalLM`` load.
+    Under FSDP the weights are sharded: every rank takes part in gathering the full state dict
+    (a collective), then rank 0 exports an unsharded copy of the policy holding it.
     """
 
     def __init__(self, dirpath: str):
         self.dirpath = Path(dirpath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        if trainer.is_global_zero and not trainer.fast_dev_run:
+        if trainer.fast_dev_run:
+            return
+        from grace_lightning.utils.fsdp import (
+            full_state_dict,
+            policy_swapped,
+            submodule_state_dict,
+            unsharded_policy_copy,
+        )
+
+        full = full_state_dict(trainer)  # None unless sharded; every rank must call it
+        if not trainer.is_global_zero:
+            return
+        if full is None:
             path = pl_module.export(self.dirpath)
-            log.info("exported policy to %s", path)
+        else:
+            copy = unsharded_policy_copy(pl_module, submodule_state_dict(full, "policy"))
+            with policy_swapped(pl_module, copy):
+                path = pl_module.export(self.dirpath)
+        log.info("exported policy to %s", path)
