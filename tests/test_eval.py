@@ -241,6 +241,47 @@ def test_encode_shapes_modes_and_options(tiny_encoder):
     np.testing.assert_allclose(d, base[:2], atol=1e-5)
 
 
+def test_sentence_transformers_style_prompts(tiny_encoder):
+    """prompt_name / prompt / encode_query / encode_document pick SYSTEM prompts."""
+    qd = tiny_encoder(
+        mode="base", prompts={"query": "Represent the question.", "document": "Describe it."}
+    )
+    plain = qd.encode(TEXTS[:2])
+    q, d = qd.encode_query(TEXTS[:2]), qd.encode_document(TEXTS[:2])
+    np.testing.assert_allclose(q, qd.encode(TEXTS[:2], prompt_name="query"), atol=1e-6)
+    np.testing.assert_allclose(q, qd.encode(TEXTS[:2], prompt="Represent the question."), atol=1e-6)
+    np.testing.assert_allclose(d, qd.encode(TEXTS[:2], "document"), atol=1e-6)  # positional
+    assert not np.allclose(q, d) and not np.allclose(q, plain)
+    with pytest.warns(DeprecationWarning, match="prompt_name"):
+        old = qd.encode(TEXTS[:2], prompt_type="query")
+    np.testing.assert_allclose(old, q, atol=1e-6)
+    with pytest.raises(ValueError, match="not in prompts"):
+        qd.encode(TEXTS[:2], prompt_name="nope")
+    # default_prompt_name applies when no prompt is given
+    dq = tiny_encoder(mode="base", prompts=qd.prompts, default_prompt_name="query")
+    np.testing.assert_allclose(dq.encode(TEXTS[:2]), q, atol=1e-6)
+    with pytest.raises(ValueError, match="default_prompt_name"):
+        tiny_encoder(prompts={}, default_prompt_name="query")
+    # no prompts: query/document fall back to the system prompt (upstream: one prompt)
+    same = tiny_encoder(mode="base")
+    np.testing.assert_allclose(same.encode_query(TEXTS[:2]), same.encode(TEXTS[:2]), atol=1e-6)
+    assert same.get_sentence_embedding_dimension() == 64
+    np.testing.assert_allclose(same.encode(TEXTS[:2], device="cpu"), same.encode(TEXTS[:2]))
+
+
+def test_public_api_is_lazy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, grace_lightning as g; assert 'torch' not in sys.modules; "
+        "from grace_lightning import GraceEncoder, grace_model_meta, export_run; "
+        "assert GraceEncoder.__name__ == 'GraceEncoder'; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 def test_rationales_are_seeded_per_text_not_per_batch(tiny_encoder):
     enc = tiny_encoder()
     a, ra = enc.encode(TEXTS, batch_size=1, return_rationales=True)
@@ -474,7 +515,7 @@ def test_broken_run_dir_names_the_file(export_dir, damage, message):
 
 def test_run_dir_without_export(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(RunDirError, match="no export/"):
+    with pytest.raises(RunDirError, match="no export/.*python -m grace_lightning.export"):
         GraceEncoder.from_run_dir(tmp_path / "run")
     with pytest.raises(RunDirError, match="no such"):
         GraceEncoder.from_run_dir(tmp_path / "missing")

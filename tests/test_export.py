@@ -1,0 +1,213 @@
+"""Any checkpoint -> an export (transformers + sentence-transformers + model card); bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from grace_lightning import GraceEncoder
+from grace_lightning.export import ExportError, export_run
+from grace_lightning.export.__main__ import main as export_main
+
+from .conftest import DATA_ROOT
+from .test_train import TINY, make_cfg
+
+TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field."]
+
+
+def write_ckpt(tmp_path: Path, overrides: list[str], noise: float = 0.05):
+    """A run dir with checkpoints/last.ckpt of a module built from train.py's config.
+
+    The weights are moved off the tiny model's seeded init, so an export that silently used a
+    fresh backbone instead of the checkpoint's weights would fail the comparisons."""
+    run = tmp_path / "run"
+    cfg = make_cfg([*TINY, *overrides], run)
+    module = hydra.utils.instantiate(cfg.model, _convert_="all")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            if p.requires_grad:
+                p.add_(noise * torch.randn(p.shape, generator=g))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": L.__version__,
+            "global_step": 4,
+            "epoch": 0,
+        },
+        ckpt,
+    )
+    return run, ckpt, module
+
+
+@pytest.fixture(scope="module")
+def grace_ckpt(tmp_path_factory):
+    return write_ckpt(tmp_path_factory.mktemp("grace"), ["reward=sup"])
+
+
+def test_grace_checkpoint_exports_its_weights(grace_ckpt):
+    run, ckpt, module = grace_ckpt
+    out = export_run(ckpt)  # last.ckpt -> <run>/export
+    assert out == run / "export"
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for (n, p), (_, q) in zip(module.policy.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p.detach(), q), n
+    meta = json.loads((out / "grace_config.json").read_text())
+    assert meta["embedding_mode"] == "rationale" and meta["checkpoint"] == str(ckpt.resolve())
+    assert meta["system_prompt"] == module.prompt_cfg["system_prompt"]
+    assert meta["training"]["algo"]["advantage"] == module.algo_cfg["advantage"]
+    assert meta["generation"]["max_new_tokens"] == module.rollout_cfg["max_new_tokens"]
+    for f in ("modules.json", "config_sentence_transformers.json", "grace_embedding.py"):
+        assert (out / f).is_file(), f
+    assert (out / "README.md").read_text().startswith("---\n")
+
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(out), trust_remote_code=True, device="cpu")
+    enc = GraceEncoder.from_pretrained(run, device="cpu")
+    for mode in ("base", "rationale"):
+        np.testing.assert_allclose(
+            st.encode(TEXTS, mode=mode), enc.encode(TEXTS, mode=mode), atol=1e-5
+        )
+
+
+def test_other_checkpoint_names_and_out_dir(grace_ckpt, tmp_path):
+    run, ckpt, _ = grace_ckpt
+    step = ckpt.with_name("step_000004.ckpt")
+    step.write_bytes(ckpt.read_bytes())
+    try:
+        assert export_run(step) == run / "export-step_000004"
+        assert export_run(step, tmp_path / "elsewhere") == tmp_path / "elsewhere"
+        assert (tmp_path / "elsewhere" / "model.safetensors").is_file()
+    finally:
+        step.unlink()
+
+
+def test_lora_checkpoint_merged_by_default_or_adapter_only(tmp_path):
+    run, ckpt, module = write_ckpt(tmp_path, ["reward=sup", "peft=lora"])
+    merged = export_run(ckpt, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in m.named_parameters())
+    q = m.model.layers[0].self_attn.q_proj.weight
+    base_q = module.policy.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert not torch.equal(q, base_q)  # LoRA delta merged in
+    assert (merged / "adapter" / "adapter_config.json").is_file()
+
+    assert export_main([str(ckpt), str(tmp_path / "adapter"), "--adapter-only"]) == 0
+    adapter = tmp_path / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "grace_config.json").read_text())["adapter_only"] is True
+    assert "Adapter only" in (adapter / "README.md").read_text()
+
+
+def test_contrastive_checkpoint_exports_base_mode(tmp_path):
+    run, ckpt, module = write_ckpt(tmp_path, ["method=infonce"])
+    out = export_run(run)  # a run dir without export/: its last checkpoint
+    assert out == run / "export"
+    meta = json.loads((out / "grace_config.json").read_text())
+    assert meta["embedding_mode"] == "base" and meta["method"] == "infonce"
+    enc = GraceEncoder.from_pretrained(run, device="cpu")
+    assert enc.mode == "base"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _half_written(tmp_path: Path) -> Path:
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+
+    model, tok = load_backbone(BackboneConfig(name="tiny", source="tiny"))
+    export = tmp_path / "run" / "export"
+    model.save_pretrained(export)
+    tok.save_pretrained(export)
+    (export / "model.safetensors").unlink()
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: t / "missing", "missing: no such run dir"),
+        (lambda t: t.joinpath("empty").mkdir() or t / "empty", "empty: neither an export"),
+        (
+            lambda t: _half_written(t),
+            "export: no weights.*python -m grace_lightning.export .*last.ckpt",
+        ),
+        (
+            lambda t: (
+                torch.save(
+                    {"state_dict": {}, "hyper_parameters": {"n_layers": 2}}, t / "other.ckpt"
+                )
+                or t / "other.ckpt"
+            ),
+            "other.ckpt: a checkpoint of another model class",
+        ),
+        (
+            lambda t: (t / "cut.ckpt").write_bytes(b"PK\x03\x04 half") and t / "cut.ckpt",
+            "cut.ckpt: not a readable PyTorch checkpoint",
+        ),
+        (
+            lambda t: (t / "notes.txt").write_text("x") and t / "notes.txt",
+            "notes.txt: not a .ckpt",
+        ),
+    ],
+    ids=["missing", "empty-dir", "half-written-export", "other-class", "cut-ckpt", "not-ckpt"],
+)
+def test_bad_input_is_one_clear_line(make, message, tmp_path, capsys):
+    path = make(tmp_path)
+    capsys.readouterr()  # setup output (progress bars)
+    assert export_main([str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    import re
+
+    assert re.search(message, err), err
+    with pytest.raises(ExportError):
+        export_run(path)
+
+
+def test_adapter_only_needs_a_lora_run(grace_ckpt, tmp_path, capsys):
+    _, ckpt, _ = grace_ckpt
+    assert export_main([str(ckpt), str(tmp_path / "a"), "--adapter-only"]) == 2
+    assert "needs a LoRA run" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- eval.py model=.ckpt
+@pytest.mark.skipif(not (DATA_ROOT / "sts12").exists(), reason="../shared/data not available")
+def test_eval_takes_a_checkpoint(grace_ckpt, tmp_path, monkeypatch):
+    from grace_lightning.eval import run as run_mod
+    from grace_lightning.eval.run import evaluate
+
+    from .test_eval import FAST_LOCAL, eval_cfg
+
+    monkeypatch.setenv("GRACE_CACHE", str(tmp_path / "cache"))
+    _, ckpt, _ = grace_ckpt
+    args = [*FAST_LOCAL, f"model={ckpt}", "mode=base", "tasks=[LocalSTS12]", "cache.enabled=false"]
+    args.remove("model=tiny")
+    res = evaluate(eval_cfg(tmp_path / "e1", args))
+    assert res["n_tasks"] == 1 and np.isfinite(res["avg"])
+    exports = list((tmp_path / "cache" / "exports").iterdir())
+    assert len(exports) == 1 and exports[0].name.startswith("run-last-")
+    assert (exports[0] / "modules.json").is_file()
+
+    def no_second_export(*a, **k):
+        raise AssertionError("the checkpoint was exported again")
+
+    monkeypatch.setattr("grace_lightning.export.export_checkpoint", no_second_export)
+    again = evaluate(eval_cfg(tmp_path / "e2", args))
+    assert again["avg"] == pytest.approx(res["avg"])
+    assert run_mod.load_encoder(str(ckpt), device="cpu", mode="base").name == "run-last"
