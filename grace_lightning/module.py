@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rl import advantages as adv_fns
 from grace_lightning.rl import rewards as reward_fns
-from grace_lightning.rl.losses import clipped_policy_loss, kl_k3, masked_mean
-from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rl.precision import autocast_off
+from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ class GraceModule(L.LightningModule):
                 self._frozen_copy()
             )  # with LoRA the reference is the base, adapters off
         self.seed = seed
+        self.skipped_steps = 0  # optimiser steps skipped (non-finite reward or gradient norm)
+        self.num_tokens = 0  # prompt + completion tokens of the policy rows so far, all ranks
         table = self.logging_cfg.get("table_path")
         self.table_path = Path(table) if table else None  # rationale table (JSONL) in the run dir
 
@@ -134,6 +136,7 @@ class GraceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ step
     def training_step(self, batch: dict[str, Any], batch_idx: int):
+        """rollout -> reward -> advantage -> update (``rl/update.py``)."""
         k = self.rollout_cfg["num_generations"]
         timings: dict[str, float] = {}
 
@@ -143,43 +146,40 @@ class GraceModule(L.LightningModule):
 
         t0 = time.perf_counter()
         b = len(rollouts.prompt_ids)
-        policy_emb = rollouts.embeddings.view(b, k, -1)  # (B, K, D)
-        truncated = rollouts.truncated.view(b, k)
-        if self._remax:  # the greedy rollout joins the group as member K, scored the same way
-            policy_emb = torch.cat([policy_emb, anchors["greedy"][:, None]], dim=1)
-            truncated = torch.cat([truncated, anchors["greedy_truncated"][:, None]], dim=1)
-        terms = self.compute_rewards(policy_emb, anchors)  # each (B, K) (+1 with ReMax)
-        rewards, loss_weight = reward_fns.apply_truncation(
-            terms["total"],
-            truncated,
-            mode=self.reward_cfg.get("truncation", "replace"),
-            value=self.reward_cfg.get("truncation_value", -1.0),
-        )
-        baseline = None
-        if self._remax:
-            baseline = rewards[:, k]  # (B,) the greedy rollout's reward
-            terms = {name: t[:, :k] for name, t in terms.items()}
-            rewards, loss_weight, truncated = rewards[:, :k], loss_weight[:, :k], truncated[:, :k]
-        # over the GLOBAL batch, then this rank's groups: batch-normalising estimators
-        # (scale_rewards=batch, REINFORCE++) see what a single process would see
-        glob = self._gather(rewards), None if baseline is None else self._gather(baseline)
-        advantages = self._local(self.compute_advantages(*glob), b)  # (B, K)
-        if self.algo_cfg.get("dynamic_sampling", False):
-            # DAPO: groups whose rewards have zero variance carry no signal; drop them from the
-            # loss (DAPO also over-samples to refill the batch; we do not refill)
-            loss_weight = loss_weight * (~adv_fns.zero_std_groups(rewards))[:, None]
+        with autocast_off():  # reward, advantage and loss arithmetic never in bf16
+            policy_emb = rollouts.embeddings.view(b, k, -1).float()  # (B, K, D)
+            truncated = rollouts.truncated.view(b, k)  # (B, K)
+            terms = self.compute_rewards(policy_emb, anchors)  # each (B, K), as GRPO's
+            rewards, loss_weight = self._truncate(terms["total"], truncated)  # (B, K)
+            baseline = self.remax_baseline(policy_emb, anchors) if self._remax else None  # (B,)
+            # over the GLOBAL batch, then this rank's groups: batch-normalising estimators
+            # (scale_rewards=batch, REINFORCE++) see what a single process would see
+            glob_rewards = self._gather(rewards)
+            glob_base = None if baseline is None else self._gather(baseline)
+            # tokens each rollout puts into the loss (REINFORCE++ whitens over tokens, as verl)
+            tokens = self._gather(rollouts.lengths.float().view(b, k) * loss_weight)  # (B_g, K)
+            advantages = self._local(self.compute_advantages(glob_rewards, glob_base, tokens), b)
+            if self.algo_cfg.get("dynamic_sampling", False):
+                # DAPO: groups whose rewards have zero variance carry no signal; drop them from
+                # the loss (DAPO also over-samples to refill the batch; we do not refill)
+                loss_weight = loss_weight * (~adv_fns.zero_std_groups(rewards))[:, None]
         timings["time/reward"] = time.perf_counter() - t0
 
         metrics = self.rollout_metrics(rollouts, terms, rewards, truncated)
         # raw reward terms must be finite (truncation="mask" adds NaNs on purpose afterwards)
         finite = all(bool(torch.isfinite(t).all()) for t in terms.values())
         finite &= bool(torch.isfinite(advantages).all())
+        if baseline is not None:
+            finite &= bool(torch.isfinite(baseline).all())
         # every rank must take the same branch (the update has collectives): skip on all if any
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
-            # a NaN/inf reward never reaches the optimiser: log it and skip this update
+            # a NaN/inf reward never reaches the optimiser: log it and skip this update (the
+            # optimiser steps still count, so max_steps, seeds and checkpoints keep their cadence)
             log.warning("non-finite reward at step %d: update skipped", self.global_step)
-            metrics["update_skipped"] = 1.0
+            skipped = self._skip_rollout_batch(b)
+            metrics["update_skipped"] = float(skipped)
+            metrics["skipped_steps"] = float(self.skipped_steps)
             self.log_dict(metrics, on_step=True, batch_size=b)
             return None
 
@@ -187,26 +187,30 @@ class GraceModule(L.LightningModule):
         metrics.update(self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1)))
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
-        metrics["update_skipped"] = 0.0
+        metrics["skipped_steps"] = float(self.skipped_steps)
         self.log("reward", metrics.pop("reward"), prog_bar=True, batch_size=b)
         self.log_dict(metrics, on_step=True, batch_size=b)
         self.maybe_log_table(batch, rollouts, terms, rewards, advantages)
         return None
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int):
-        """Held-out reward (no update): ``val/reward`` and ``val/rewards/<term>``."""
-        k = self.rollout_cfg["num_generations"]
-        rollouts, anchors = self.rollout(batch)
-        b = len(rollouts.prompt_ids)
-        terms = self.compute_rewards(rollouts.embeddings.view(b, k, -1), anchors)
-        rewards, _ = reward_fns.apply_truncation(
-            terms["total"],
-            rollouts.truncated.view(b, k),
+    def _truncate(self, total: torch.Tensor, truncated: torch.Tensor):
+        return reward_fns.apply_truncation(
+            total,
+            truncated,
             mode=self.reward_cfg.get("truncation", "replace"),
             value=self.reward_cfg.get("truncation_value", -1.0),
         )
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int):
+        """Held-out reward (no update): ``val/reward`` and ``val/rewards/<term>/mean``."""
+        k = self.rollout_cfg["num_generations"]
+        rollouts, anchors = self.rollout(batch)
+        b = len(rollouts.prompt_ids)
+        with autocast_off():
+            terms = self.compute_rewards(rollouts.embeddings.view(b, k, -1).float(), anchors)
+            rewards, _ = self._truncate(terms["total"], rollouts.truncated.view(b, k))
         metrics = {"val/reward": torch.nanmean(rewards)}
-        metrics.update({f"val/rewards/{n}": t.mean() for n, t in terms.items()})
+        metrics.update({f"val/rewards/{n}/mean": t.mean() for n, t in terms.items()})
         metrics["val/completions/mean_length"] = rollouts.lengths.float().mean()
         self.log_dict(metrics, on_epoch=True, batch_size=b, sync_dist=True)
 
@@ -313,117 +317,156 @@ class GraceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ 3. advantage
     def compute_advantages(
-        self, rewards: torch.Tensor, baseline: torch.Tensor | None = None
+        self,
+        rewards: torch.Tensor,
+        baseline: torch.Tensor | None = None,
+        token_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Group mean-centred by default (paper; std division off: scale_rewards='none')."""
+        """Group mean-centred by default (paper; std division off: scale_rewards='none').
+
+        rewards, token_counts: (B, K) over the global batch (token_counts: response tokens that
+        enter the loss, for REINFORCE++'s token whitening); baseline: (B,) ReMax's greedy reward.
+        """
         a = self.algo_cfg
         estimator = a.get("advantage", "grpo")
         if estimator == "rloo":
             return adv_fns.rloo_advantages(rewards)
         if estimator == "reinforce_pp":
-            return adv_fns.reinforce_pp_advantages(rewards)
+            return adv_fns.reinforce_pp_advantages(rewards, token_counts=token_counts)
         if estimator == "remax":
             return adv_fns.remax_advantages(rewards, baseline)
         return adv_fns.group_advantages(rewards, scale=a.get("scale_rewards", "none"))
 
+    def remax_baseline(self, policy_emb: torch.Tensor, anchors: dict) -> torch.Tensor:
+        """(B,) ReMax baseline: the greedy rollout's reward, scored by the same reward function.
+
+        The greedy rollout joins its group only here (as member K+1: its consistency is over the
+        K sampled rollouts); the K sampled rollouts' own rewards come from ``compute_rewards``
+        over the K of them alone, exactly as GRPO's and validation's.
+        """
+        k = policy_emb.size(1)
+        with_greedy = torch.cat([policy_emb, anchors["greedy"].float()[:, None]], dim=1)
+        total = self.compute_rewards(with_greedy, anchors)["total"][:, k]  # (B,)
+        base, _ = self._truncate(total[:, None], anchors["greedy_truncated"][:, None])
+        return base[:, 0]
+
     # ------------------------------------------------------------------ 4. update
     def update(self, ro: RolloutBatch, advantages: torch.Tensor, loss_weight: torch.Tensor) -> dict:
-        """PPO-clip over mini-batches of whole groups; ``algo.num_iterations`` passes."""
-        a, k = self.algo_cfg, self.rollout_cfg["num_generations"]
-        opt = self.optimizers()
-        b = len(ro.prompt_ids)
-        groups_per_mb = a["prompts_per_minibatch"]
-        old_logp = ro.logprobs
-        if a.get("old_logprobs", "rollout") == "recompute" or old_logp is None:
-            old_logp = self._logprobs(self.policy, ro, torch.arange(b, device=self.device))[
-                0
-            ].detach()
-        ref_logp = None
-        if a.get("beta", 0.0) > 0:
-            with torch.no_grad(), self._reference() as ref:
-                ref_logp = self._logprobs(ref, ro, torch.arange(b, device=self.device))[0]
-        stats: dict[str, list[float]] = {}
-        for _ in range(a.get("num_iterations", 1)):
-            for start in range(0, b, groups_per_mb):
-                groups = torch.arange(start, min(start + groups_per_mb, b), device=self.device)
-                rows = (groups[:, None] * k + torch.arange(k, device=self.device)).reshape(-1)
-                logp, entropy = self._logprobs(self.policy, ro, groups, with_entropy=True)
-                mask = ro.response_mask[rows].float() * loss_weight[rows, None]
-                loss, m = clipped_policy_loss(
-                    logp,
-                    old_logp[rows],
-                    advantages[rows],
-                    mask,
-                    epsilon_low=a["epsilon_low"],
-                    epsilon_high=a["epsilon_high"],
-                    dual_clip=a.get("dual_clip"),
-                    loss_type=a.get("loss_type", "dapo"),
-                    max_completion_length=self.rollout_cfg["max_new_tokens"],
-                    num_items=self._global_tokens(mask)
-                    if a.get("loss_type", "dapo") == "dapo"
-                    else None,
-                )
-                if ref_logp is not None:
-                    kl = masked_mean(kl_k3(logp, ref_logp[rows]), mask)
-                    loss = loss + a["beta"] * kl
-                    m["kl"] = kl.detach()
-                m["entropy"] = masked_mean(entropy, mask)
-                opt.zero_grad(set_to_none=True)
-                self.manual_backward(loss)
-                clip = self.optim_cfg.get("grad_clip", 1.0)
-                grad_norm = _grad_norm(self.policy, clip)
-                opt.step()
-                m["loss"], m["grad_norm"] = loss.detach(), grad_norm
-                for key, value in m.items():
-                    stats.setdefault(key, []).append(float(value))
-        out = {key: sum(v) / len(v) for key, v in stats.items()}
-        out["lr"] = opt.param_groups[0]["lr"]
+        """PPO-clip over mini-batches of whole groups, micro-batched: ``rl/update.py``."""
+        cfg = UpdateConfig.from_cfg(self.algo_cfg, self.rollout_cfg, self.optim_cfg)
+        updater = PolicyUpdater(cfg, self.policy, self.update_hooks(), reference=self._reference)
+        out = updater.update(ro, advantages, loss_weight)
+        self.skipped_steps += updater.skipped
+        out["lr"] = self.optimizers().param_groups[0]["lr"]
         return out
 
-    def _global_tokens(self, mask: torch.Tensor) -> torch.Tensor | None:
-        """DAPO normaliser: active tokens of this mini-batch across ranks / world size (TRL)."""
-        if self.trainer.world_size == 1:
-            return None
-        return self.trainer.strategy.reduce(mask.sum(), reduce_op="mean")
-
-    def _logprobs(self, model, ro: RolloutBatch, groups: torch.Tensor, with_entropy=False):
-        """Log-probs of the rollouts of ``groups`` (prompt indices): rows are group-contiguous."""
-        k = self.rollout_cfg["num_generations"]
-        rows = (groups[:, None] * k + torch.arange(k, device=groups.device)).reshape(-1)
-        local = torch.arange(len(groups), device=groups.device).repeat_interleave(k)
-        return response_logprobs(
-            model,
-            ro.prompt_ids[groups],
-            ro.prompt_mask[groups],
-            ro.response_ids[rows],
-            ro.response_mask[rows],
-            local,
-            ro.temperatures[rows],
-            share_prompt=self.algo_cfg.get("share_prompt", True),
-            with_entropy=with_entropy,
+    def update_hooks(self) -> UpdateHooks:
+        """The update's view of Lightning: manual backward, DDP no_sync, strategy collectives."""
+        opt, strategy = self.optimizers(), self.trainer.strategy
+        return UpdateHooks(
+            zero_grad=lambda: opt.zero_grad(set_to_none=True),
+            step=opt.step,
+            skip_step=lambda: _skipped_step(opt),
+            backward=self.manual_backward,
+            no_sync=strategy.block_backward_sync
+            if hasattr(strategy, "block_backward_sync")
+            else nullcontext,
+            clip_grad_norm=self._clip_grad_norm,
+            world_size=self.trainer.world_size,
+            sum_over_ranks=lambda t: strategy.reduce(t, reduce_op="sum"),
+            all_ranks=lambda ok: bool(strategy.reduce_boolean_decision(bool(ok), all=True)),
+            gather=self._gather_ranks,
         )
+
+    def _clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """Total gradient norm before clipping; clips to ``max_norm`` (None/0: no clipping).
+
+        Under FSDP the norm is over the sharded gradients of every rank: the FSDP root's own
+        ``clip_grad_norm_`` (``torch.nn.utils.clip_grad_norm_`` on a shard is wrong, and
+        Lightning's FSDP precision plugin refuses it). Elsewhere DDP has already averaged the
+        gradients, so every rank computes the same norm.
+        """
+        limit = max_norm if max_norm else math.inf
+        root = getattr(self.trainer.strategy, "model", None)
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        except ImportError:  # pragma: no cover - torch without distributed
+            FSDP = ()
+        if FSDP and isinstance(root, FSDP):
+            return root.clip_grad_norm_(limit)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.clip_grad_norm_(params, limit)
+
+    def _gather_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """(...) -> (world, ...) every rank's ``x`` (on this rank's device), back on x's device."""
+        if self.trainer.world_size == 1:
+            return x[None]
+        return self.all_gather(x.to(self.device)).to(x.device)
+
+    def _skip_rollout_batch(self, b: int) -> int:
+        """Skip every optimiser step of this rollout batch (non-finite rewards); -> steps."""
+        opt = self.optimizers()
+        steps = math.ceil(b / self.algo_cfg["prompts_per_minibatch"]) * self.algo_cfg.get(
+            "num_iterations", 1
+        )
+        for _ in range(steps):
+            _skipped_step(opt)
+        self.skipped_steps += steps
+        return steps
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["grace_counters"] = {
+            "skipped_steps": self.skipped_steps,
+            "num_tokens": self.num_tokens,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        counters = checkpoint.get("grace_counters", {})
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.num_tokens = int(counters.get("num_tokens", 0))
 
     # ------------------------------------------------------------------ logging
     def rollout_metrics(self, ro, terms, rewards, truncated) -> dict[str, float]:
-        """TRL's metric names (reward, reward_std, rewards/*, frac_reward_zero_std, completions/*)."""
-        lengths = ro.lengths.float()
-        finished = ro.finished
+        """TRL's names and reductions, over the GATHERED batch (every rank's groups).
+
+        ``reward``, ``reward_std`` (mean within-group std; batch std with scale_rewards=batch, as
+        TRL), ``rewards/<term>/mean`` and ``/std`` (over rollouts), ``frac_reward_zero_std``,
+        ``completions/*``, ``num_tokens`` (prompt + completion tokens seen so far, all ranks);
+        ours: ``rewards/<term>/group_std`` (mean within-group std of the term).
+        """
+        lengths = self._gather(ro.lengths.float())  # (N_global,)
+        finished = self._gather(ro.finished.float()).bool()
+        clipped = self._gather(truncated.float())  # (B_global, K)
+        rewards = self._gather(rewards.float())  # (B_global, K)
+        prompt_len = ro.prompt_mask.sum(-1).float()[ro.row_to_prompt]  # (N,)
+        step_tokens = float(self._gather((prompt_len + ro.lengths.float()).sum()[None]).sum())
+        self.num_tokens += int(step_tokens)
+        if self.algo_cfg.get("scale_rewards", "none") == "batch":
+            reward_std = _nanstd(rewards)
+        else:
+            reward_std = reward_fns.group_std(rewards).mean()
+        done = lengths[finished]
         m: dict[str, float] = {
             "reward": float(torch.nanmean(rewards)),
-            "reward_std": float(_nanstd(rewards)),
+            "reward_std": float(reward_std),
             "frac_reward_zero_std": float(adv_fns.zero_std_groups(rewards).float().mean()),
             "completions/mean_length": float(lengths.mean()),
             "completions/min_length": float(lengths.min()),
             "completions/max_length": float(lengths.max()),
-            "completions/clipped_ratio": float(truncated.float().mean()),
-            "completions/mean_terminated_length": float(lengths[finished].mean())
-            if finished.any()
-            else 0.0,
+            "completions/clipped_ratio": float(clipped.mean()),
+            "completions/mean_terminated_length": float(done.mean()) if done.numel() else 0.0,
+            "completions/min_terminated_length": float(done.min()) if done.numel() else 0.0,
+            "completions/max_terminated_length": float(done.max()) if done.numel() else 0.0,
+            "num_tokens": float(self.num_tokens),
         }
         for name, t in terms.items():
-            m[f"rewards/{name}"] = float(t.mean())
+            t = self._gather(t.float())  # (B_global, K)
+            m[f"rewards/{name}/mean"] = float(torch.nanmean(t))
+            m[f"rewards/{name}/std"] = float(_nanstd(t))
             if name != "total":
-                m[f"rewards/{name}_group_std"] = float(reward_fns.group_std(t).mean())
+                m[f"rewards/{name}/group_std"] = float(reward_fns.group_std(t).mean())
         return m
 
     def maybe_log_table(self, batch, ro, terms, rewards, advantages):
@@ -536,10 +579,21 @@ def _nanstd(x: torch.Tensor) -> torch.Tensor:
     return x.std() if x.numel() > 1 else x.new_zeros(())
 
 
-def _grad_norm(model, max_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.norm(torch.stack([p.grad.norm() for p in params])))
+def _skipped_step(opt) -> None:
+    """A skipped optimiser step: Lightning counts it (global_step, progress) but the wrapped
+    optimiser's ``step`` does not run, so weights and optimiser state stay as they are."""
+    inner = opt.optimizer
+    own = "step" in vars(inner)
+    saved = vars(inner).get("step")
+
+    def no_step(closure=None, **kwargs):
+        return closure() if closure is not None else None
+
+    inner.step = no_step
+    try:
+        opt.step()
+    finally:
+        if own:
+            inner.step = saved
+        else:
+            del inner.step
