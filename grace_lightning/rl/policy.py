@@ -7,16 +7,24 @@ tokens: forward+backward 71 s -> 16 s, same log-probs (max diff 2e-5). Gradient 
 cannot checkpoint through a cache (transformers turns the cache off), so it uses the full-sequence
 path, as does ``share_prompt=False``.
 
-Log-probs are computed at response positions only; no full-vocabulary log-softmax over whole
-sequences.
+Memory: no ``(rows, length, vocab)`` logits tensor ever exists. `token_logprobs` takes the hidden
+states of the response tokens that count (mask != 0), and runs LM head + fp32 upcast +
+temperature + log-softmax over chunks of ``chunk_tokens`` of them. Under autograd each chunk is
+wrapped in ``torch.utils.checkpoint``, so the forward keeps only the chunk's hidden states and the
+backward recomputes one chunk's logits at a time: peak logits memory is a few
+``chunk_tokens x vocab`` fp32 buffers (default ~256 MiB each, 441 tokens at Qwen2.5's 151,936)
+instead of ``rows x length x vocab`` (paper_sup mini-batch: ~159 GB).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from grace_lightning.rl.losses import entropy_from_logits, selective_log_softmax
 from grace_lightning.rollout.engine import cache_kwarg, positions_from_mask
+
+LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk when chunk_tokens is None
+DEFAULT_CHUNK_TOKENS = 512  # when the LM head's output size cannot be read
 
 
 def response_logprobs(
@@ -30,12 +38,15 @@ def response_logprobs(
     *,
     share_prompt: bool = True,
     with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-prob (and optionally entropy) of each response token.
 
     prompt_ids/mask: (P, Lp) left-padded; response_ids/mask: (N, R) right-padded;
     row_to_prompt: (N,) prompt of each row; temperature: scalar or (N,).
-    Returns (N, R) log-probs (zero where the mask is zero) and (N, R) entropies or None.
+    chunk_tokens: response tokens per LM-head chunk (see `token_logprobs`); None = auto.
+    Returns (N, R) float32 log-probs and (N, R) float32 entropies (no grad) or None; both are
+    zero where the mask is zero (those positions are never put through the LM head).
     """
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     checkpointing = _is_checkpointing(model) and torch.is_grad_enabled()
@@ -47,13 +58,93 @@ def response_logprobs(
         hidden = _hidden_full_sequence(
             decoder, prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt
         )
-    logits = lm_head(hidden).float()  # (N, R, V): position j predicts response token j
-    if not isinstance(temperature, float):
-        temperature = temperature.to(logits)[:, None, None]
-    logits = logits / temperature
-    logp = selective_log_softmax(logits, response_ids) * response_mask
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return token_logprobs(
+        lm_head,
+        hidden,
+        response_ids,
+        response_mask,
+        temperature,
+        chunk_tokens=chunk_tokens,
+        with_entropy=with_entropy,
+    )
+
+
+def token_logprobs(
+    lm_head: torch.nn.Module,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: torch.Tensor | float = 1.0,
+    *,
+    chunk_tokens: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(lm_head(hidden) / temperature)[ids], chunked over the active tokens.
+
+    hidden: (N, R, D), position j predicts ids[:, j]; ids, mask: (N, R); temperature: scalar
+    or (N,) per row. chunk_tokens: active tokens per chunk; None = LOGITS_CHUNK_BYTES of fp32
+    logits. Gradients reach ``hidden`` and the LM head's parameters (recomputed per chunk in the
+    backward under autograd). Entropy is computed in the forward only, without grad.
+    Returns (N, R) float32 log-probs and entropies (or None), zero where mask == 0.
+    """
+    N, R, _ = hidden.shape
+    active = mask.bool()  # (N, R)
+    h = hidden[active]  # (T, D) the T tokens that count
+    tok = ids[active]  # (T,)
+    temp = torch.as_tensor(temperature, device=hidden.device).reshape(-1)  # (1,) or (N,)
+    temp = temp.expand(N)[:, None].expand(N, R)[active]  # (T,)
+    step = chunk_tokens if chunk_tokens is not None else _auto_chunk_tokens(lm_head)
+    if step < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    params_need_grad = any(p.requires_grad for p in lm_head.parameters())
+    recompute = torch.is_grad_enabled() and (h.requires_grad or params_need_grad)
+    logps, ents = [], []
+    for start in range(0, h.size(0), step):
+        chunk = (h[start : start + step], tok[start : start + step], temp[start : start + step])
+        sink: dict[str, torch.Tensor] = {}
+        if recompute:  # keep only the chunk's inputs; the backward recomputes its logits
+            lp = checkpoint(_chunk_logp, lm_head, *chunk, with_entropy, sink, use_reentrant=False)
+        else:
+            lp = _chunk_logp(lm_head, *chunk, with_entropy, sink)
+        logps.append(lp)
+        if with_entropy:
+            ents.append(sink["entropy"])
+    logp = _scatter(logps, active, hidden)
+    entropy = _scatter(ents, active, hidden) if with_entropy else None
     return logp, entropy
+
+
+def _chunk_logp(lm_head, h, ids, temp, with_entropy: bool, sink: dict) -> torch.Tensor:
+    """h (C, D), ids (C,), temp (C,) -> (C,) log-probs; entropy (C,) into ``sink`` once."""
+    logits = lm_head(h)  # (C, V) model dtype (bf16 under autocast)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temp[:, None].to(
+        torch.promote_types(logits.dtype, torch.float32)
+    )  # (C, V) fp32
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, ids[:, None]).squeeze(-1) - lse  # (C,)
+    if with_entropy and "entropy" not in sink:  # not again when checkpoint recomputes
+        with torch.no_grad():
+            log_p = logits - lse[:, None]  # (C, V)
+            sink["entropy"] = -(log_p.exp() * log_p).sum(-1)  # (C,)
+    return logp
+
+
+def _scatter(values: list[torch.Tensor], active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Chunks of (T,) values -> (N, R), zero where ``active`` is False (differentiable)."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    out = torch.zeros(active.shape, dtype=dtype, device=like.device)  # (N, R)
+    if not values:
+        return out
+    return out.masked_scatter(active, torch.cat(values).to(dtype))
+
+
+def _auto_chunk_tokens(lm_head) -> int:
+    vocab = getattr(lm_head, "out_features", None)
+    if vocab is None and isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        vocab = lm_head.weight.shape[0]
+    if not vocab:
+        return DEFAULT_CHUNK_TOKENS
+    return max(1, LOGITS_CHUNK_BYTES // (4 * int(vocab)))
 
 
 def _hidden_shared_prompt(
