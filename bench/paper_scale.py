@@ -1,0 +1,1325 @@
+"""Peak memory of one ``paper_sup`` step at paper scale: CPU measurements -> memory model -> table.
+
+    python bench/paper_scale.py                 # measure on CPU, fit, print the 80 GB table (~10 min)
+    python bench/paper_scale.py --predict-only  # the table from the stored coefficients (seconds)
+    python bench/paper_scale.py --gpu           # full-size Qwen2.5-1.5B shape, one rollout batch
+    python bench/paper_scale.py --gpu --device cpu --tiny   # smoke test of the --gpu code path
+
+Device command (one H100 80 GB; the bench prints its own prediction next to what it measures):
+
+    python bench/paper_scale.py --gpu --prompts 64 --response-len 2048 --prompt-len 1024
+
+What it does (not a test; run it by hand):
+
+1. **Measure** (CPU). Each point is ONE ``paper_sup``-shaped rollout batch (rollout -> reward ->
+   update, through ``train.py``'s ``train()``, ``trainer.precision=bf16-mixed`` on CPU) on a
+   random-init model of a REAL backbone shape built from its config (vocabulary, width, heads,
+   KV heads, MLP width, tied embeddings) at reduced depth and length, EOS off
+   (``rollout.ignore_eos``), synthetic prompts of an exact token length. Every point runs in its
+   own subprocess. Memory is the RSS high-water mark (``/proc/self/status`` VmHWM), reset per
+   phase through ``/proc/self/clear_refs`` and read relative to the RSS when the phase starts;
+   glibc's mmap threshold is set to 64 KiB so freed tensors leave RSS at once (RSS follows live
+   tensors). Phases: rollout (``GraceModule.rollout``), update without the optimiser step, and the
+   optimiser step (``torch.optim.AdamW.step``).
+2. **Per-layer activations at full width** (in-process, seconds): one real-width decoder layer of
+   each backbone, forward under bf16 autocast, bytes of the tensors autograd saves for backward
+   (``torch.autograd.graph.saved_tensors_hooks``, storages counted once) at two token counts:
+   saved = weight copies + bytes_per_token x tokens, for full fine-tuning and for LoRA.
+3. **Fit** the memory model (below) to the CPU points; report the error on held-out points.
+4. **Predict** the peak of the full recipe on one 80 GB GPU for the four paper backbones, full
+   fine-tuning vs LoRA, with and without gradient checkpointing, one GPU vs FSDP over 4 GPUs.
+
+The memory model (bytes; GB in the output = 2**30 bytes):
+
+    peak  = static + max(rollout, update, optimiser step)
+    static = 4 P (fp32 master weights) + 4 T (grads) + 8 T (AdamW m, v)     T = trainable params
+             FSDP over n GPUs: the three divided by n, plus the gathered units (fp32)
+    rollout = KV + s_v rows V + s_p prompt_tokens h + autocast weight cache
+        KV = 2 (k, v) x layers x kv_heads x head_dim x 2 B (bf16) x rows x (prompt + response)
+             (each row holds its own copy of its prompt's KV unless the engine shares it)
+    update = autocast weight cache + layers x (w + a_s tokens) kappa + LM head + KV gather
+        a_s, w: saved bytes per token and weight copies per layer (step 2), kappa fitted
+        with gradient checkpointing: layers x 4 h tokens (layer inputs) + one layer's a_s tokens
+        LM head: g x V x (tokens in one LM-head chunk), g fitted
+    optimiser step: foreach AdamW on CUDA allocates one more 4 B/param (sqrt(v)) while it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+
+# glibc: tensors over 64 KiB get their own mmap, so freed memory leaves RSS at once
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
+
+
+# ---------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only backbone's shape (from its config.json); counts are exact for the four."""
+
+    name: str
+    arch: str  # qwen2 | llama | qwen3 (transformers model type)
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    tied: bool = True
+    qkv_bias: bool = False  # Qwen2: bias on q/k/v
+    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def layer_linear_params(self) -> int:
+        """Weights of one layer's seven projections (what autocast casts and LoRA adapts)."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return h * q + 2 * h * kv + q * h + 3 * h * i
+
+    def layer_params(self) -> int:
+        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        return self.layer_linear_params() + bias + norms
+
+    def embed_params(self) -> int:
+        return self.vocab * self.hidden
+
+    def params(self, layers: int | None = None) -> int:
+        n = self.layers if layers is None else layers
+        head = 0 if self.tied else self.embed_params()
+        return self.embed_params() + head + n * self.layer_params() + self.hidden
+
+    def linear_params(self, layers: int | None = None) -> int:
+        """Params that go through an autocast-cast matmul: layer projections + the LM head."""
+        n = self.layers if layers is None else layers
+        return n * self.layer_linear_params() + self.embed_params()
+
+    def lora_params(self, r: int = 16, layers: int | None = None) -> int:
+        """LoRA A and B on q, k, v, o, gate, up, down: r x (in + out) each."""
+        n = self.layers if layers is None else layers
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        per = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
+        return n * r * per
+
+    def kv_bytes_per_token(self, layers: int | None = None, nbytes: int = 2) -> int:
+        n = self.layers if layers is None else layers
+        return 2 * n * self.kv_dim * nbytes
+
+
+SHAPES: dict[str, Shape] = {  # keys are the conf/backbone names
+    "qwen": Shape("Qwen2.5-1.5B", "qwen2", 151936, 1536, 28, 12, 2, 128, 8960, qkv_bias=True),
+    "qwen3b": Shape("Qwen2.5-3B", "qwen2", 151936, 2048, 36, 16, 2, 128, 11008, qkv_bias=True),
+    "llama": Shape("Llama-3.2-3B", "llama", 128256, 3072, 28, 24, 8, 128, 8192),
+    "qwen3": Shape("Qwen3-4B", "qwen3", 151936, 2560, 36, 32, 8, 128, 9728, qk_norm=True),
+}
+# a small stand-in for the --tiny smoke mode (same code path, seconds on a CPU)
+# (its vocabulary is the tokenizer's: the embedded SmolLM2 tokenizer drives every run here)
+TINY = Shape("tiny-qwen2", "qwen2", 49152, 64, 2, 4, 2, 16, 128, qkv_bias=True)
+
+
+def build_model(shape: Shape, layers: int | None = None, seed: int = 0):
+    """A random-init causal LM of ``shape`` (fp32), ``layers`` decoder layers (default: all)."""
+    import torch
+    import transformers
+
+    n = shape.layers if layers is None else layers
+    common = dict(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=n,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.intermediate,
+        tie_word_embeddings=shape.tied,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        use_cache=True,
+    )
+    if shape.arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    elif shape.arch == "qwen3":
+        config = transformers.Qwen3Config(head_dim=shape.head_dim, **common)
+        cls = transformers.Qwen3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(head_dim=shape.head_dim, **common)
+        cls = transformers.LlamaForCausalLM
+    config._attn_implementation = "sdpa"
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():  # HF's normal_ init takes ~10 s per 200M params on a loaded CPU
+        model = cls(config).float()
+    model.tie_weights()
+    gen = torch.Generator().manual_seed(seed)
+    bound = 0.02 * math.sqrt(3)  # uniform with HF's initializer_range std 0.02
+    # one random block of 2**20 + 7 values tiled over every matrix (drawing 200M randoms takes
+    # seconds on a loaded CPU; the bench needs touched, finite weights, not good ones)
+    block = torch.empty(2**20 + 7).uniform_(-bound, bound, generator=gen)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                _tile(param.view(-1), block)
+            elif "norm" in name:
+                param.fill_(1.0)
+            else:  # biases
+                param.zero_()
+    return model
+
+
+def _tile(flat, block) -> None:
+    """Fill a flat tensor with copies of ``block`` (memcpy speed)."""
+    m = block.numel()
+    whole = flat.numel() // m
+    if whole:
+        flat[: whole * m].view(whole, m).copy_(block.expand(whole, m))
+    rest = flat.numel() - whole * m
+    if rest:
+        flat[whole * m :].copy_(block[:rest])
+
+
+# ------------------------------------------------------------------------- measurement (child)
+def rss_kb(field: str = "VmRSS") -> int:
+    """VmRSS / VmHWM of this process in KiB (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class PhasePeaks:
+    """RSS high-water mark per phase, relative to the RSS when the phase starts (bytes).
+
+    Phases nest; entering one folds the current high-water mark into every open phase before
+    resetting it (``/proc/self/clear_refs``), so no phase loses its peak. A phase opened with
+    ``exclude=True`` (the optimiser step) is NOT folded into the phases around it: "update" is
+    the update without its optimiser steps, which are measured as their own phase.
+    """
+
+    def __init__(self, cuda: bool = False):
+        self.cuda = cuda  # also torch.cuda.max_memory_allocated per phase (absolute bytes)
+        self.cuda_peak: dict[str, int] = {}
+        self.cuda_running: dict[int, int] = {}
+        self.open: list[tuple[str, int, bool]] = []  # (name, rss at start, excluded)
+        self.running: dict[int, int] = {}  # id in self.open -> running max HWM
+        self.peak: dict[str, int] = {}  # name -> max over calls of (HWM - start RSS)
+        self.calls: dict[str, int] = {}
+        self.absolute: dict[str, int] = {}  # name -> max HWM (bytes, not relative)
+
+    @staticmethod
+    def _reset() -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+    def _fold(self) -> None:
+        hwm = rss_kb("VmHWM")
+        for i, _ in enumerate(self.open):
+            self.running[i] = max(self.running.get(i, 0), hwm)
+        if self.cuda:
+            import torch
+
+            top = torch.cuda.max_memory_allocated()
+            for i, _ in enumerate(self.open):
+                self.cuda_running[i] = max(self.cuda_running.get(i, 0), top)
+
+    def _reset_cuda(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def enter(self, name: str, exclude: bool = False) -> None:
+        self._fold()
+        self.open.append((name, rss_kb(), exclude))
+        self.running[len(self.open) - 1] = rss_kb()
+        self._reset()
+        self._reset_cuda()
+
+    def exit(self) -> None:
+        i = len(self.open) - 1
+        name, start, exclude = self.open[i]
+        hwm = max(self.running.pop(i), rss_kb("VmHWM"))
+        if self.cuda:
+            import torch
+
+            top = max(self.cuda_running.pop(i, 0), torch.cuda.max_memory_allocated())
+            self.cuda_peak[name] = max(self.cuda_peak.get(name, 0), top)
+        self.open.pop()
+        self.peak[name] = max(self.peak.get(name, 0), (hwm - start) * 1024)
+        self.absolute[name] = max(self.absolute.get(name, 0), hwm * 1024)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if exclude:  # the enclosing phases never see this one's peak
+            self._reset()
+            self._reset_cuda()
+        else:
+            self._fold()
+
+    def wrap(self, fn, name: str, exclude: bool = False):
+        def wrapped(*args, **kwargs):
+            self.enter(name, exclude)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.exit()
+
+        wrapped.__wrapped__ = fn
+        return wrapped
+
+
+def synthetic_triplets(tokenizer, prompter, n: int, prompt_len: int) -> list[dict]:
+    """``n`` triplets whose chat-templated prompts are exactly ``prompt_len`` tokens long."""
+    word = tokenizer(" the", add_special_tokens=False)["input_ids"]
+    frame = prompter.lengths([""])[0]
+    target = prompt_len - frame
+    if target < 1:
+        raise SystemExit(f"--prompt-len {prompt_len}: the chat template alone is {frame} tokens")
+    count = target
+    for _ in range(5):  # BPE may merge at the edges: adjust to the exact length
+        text = "the" + tokenizer.decode(word * (count - 1))
+        got = prompter.lengths([text])[0]
+        if got == prompt_len:
+            break
+        count += prompt_len - got
+    else:
+        raise RuntimeError(f"could not build a {prompt_len}-token prompt (got {got})")
+    return [{"query": text, "positive": text, "negative": text} for _ in range(n)]
+
+
+def config_has(cfg, key: str) -> bool:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key, default="__absent__") != "__absent__"
+
+
+# knobs the update/rollout code may or may not have yet: point field -> config key
+OPTIONAL_KNOBS = {
+    "micro_rows": "algo.micro_batch_size",
+    "micro_tokens": "algo.max_tokens_per_micro_batch",
+    "roll_rows": "rollout.max_rows_per_batch",
+    "roll_kv": "rollout.max_kv_tokens",
+}
+
+
+@dataclass
+class Point:
+    """One measured configuration (per device)."""
+
+    shape: str = "qwen"
+    layers: int = 1
+    groups: int = 2  # policy prompts per rollout batch (data.prompts_per_step)
+    k: int = 4  # rollouts per prompt
+    minibatch: int = 0  # groups per optimiser step (0 = all: one step)
+    prompt_len: int = 96
+    response_len: int = 32
+    lora: bool = False
+    gc: bool = False
+    micro_rows: int | None = None
+    micro_tokens: int | None = None
+    roll_rows: int | None = None
+    roll_kv: int | None = None
+    device: str = "cpu"
+    tiny: bool = False
+    label: str = ""
+
+    @property
+    def mb_groups(self) -> int:
+        return self.minibatch or self.groups
+
+
+def compose(p: Point, data_path: str, out_dir: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    gpu = p.device != "cpu"
+    overrides = [
+        "backbone=tiny",  # replaced by the shaped model (see run_point); its tokenizer is used
+        "reward=sup",
+        "data=paper",  # jsonl triplets: the synthetic file written by run_point
+        f"data.root={Path(data_path).parent}",
+        f"data.sup.path={Path(data_path).name}",
+        "data.val_fraction=0",
+        f"data.prompts_per_step={p.groups}",
+        f"algo.prompts_per_minibatch={p.mb_groups}",
+        "algo.beta=0.0",
+        f"rollout.num_generations={p.k}",
+        f"rollout.max_new_tokens={p.response_len}",
+        "rollout.temperature=1.0",
+        "rollout.anchor_temperature=0.5",
+        "rollout.ignore_eos=true",  # fixed shape: EOS off
+        f"prompt.max_prompt_tokens={p.prompt_len}",
+        f"trainer={'gpu' if gpu else 'cpu'}",
+        "trainer.precision=bf16-mixed",  # the paper recipe: bf16 autocast, fp32 master weights
+        f"trainer.max_steps={p.groups // p.mb_groups}",  # exactly one rollout batch
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        "callbacks=none",
+        "model.logging_cfg.table_every_n_steps=0",
+        f"model.gradient_checkpointing={str(p.gc).lower()}",
+        f"paths.output_dir={out_dir}",
+    ]
+    if p.lora:
+        overrides.append("peft=lora")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    skipped = []
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = out_dir
+        for fld, key in OPTIONAL_KNOBS.items():
+            value = getattr(p, fld)
+            if value is None:
+                continue
+            if config_has(cfg, key):
+                section, name = key.split(".")
+                cfg[section][name] = value
+            else:
+                skipped.append(key)
+    HydraConfig().set_config(cfg)
+    return cfg, skipped
+
+
+def run_point(p: Point) -> dict:
+    """One rollout batch of ``p`` in this process; peaks per phase (bytes) and timings."""
+    import torch
+
+    if p.device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    import grace_lightning.models.backbone as backbone_mod
+    import grace_lightning.module as module_mod
+    from grace_lightning.models.backbone import BackboneConfig, load_tokenizer
+    from grace_lightning.prompts import ChatPrompter
+    from grace_lightning.train import train
+
+    cuda = torch.cuda.is_available() and p.device != "cpu"
+    peaks = PhasePeaks(cuda=cuda)
+    shape = TINY if p.tiny else SHAPES[p.shape]
+    result: dict = {"point": asdict(p)}
+    base = rss_kb()
+
+    def shaped_backbone(cfg, device=None):  # GraceModule's loader -> the shaped random model
+        tok = load_tokenizer(BackboneConfig())
+        model = build_model(shape, p.layers)
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+        result["static_bytes"] = (rss_kb() - base) * 1024
+        return model, tok
+
+    module_mod.load_backbone = shaped_backbone
+    backbone_mod.load_backbone = shaped_backbone
+    cls = module_mod.GraceModule
+    cls.rollout = peaks.wrap(cls.rollout, "rollout")
+    cls.update = peaks.wrap(cls.update, "update")
+    torch.optim.AdamW.step = peaks.wrap(torch.optim.AdamW.step, "optim_step", exclude=True)
+    timer: dict[str, float] = {}
+    for name in ("rollout", "update", "training_step"):
+        fn = getattr(cls, name)
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                timer[_name] = timer.get(_name, 0.0) + time.perf_counter() - t0
+
+        setattr(cls, name, timed)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-paper-scale-"))
+    tok = load_tokenizer(BackboneConfig())
+    prompter = ChatPrompter(tok, None, p.prompt_len)  # system prompt set below, same template
+    cfg, skipped = compose(p, str(tmp / "triplets.jsonl"), str(tmp / "run"))
+    prompter = ChatPrompter(tok, cfg.prompt.system_prompt, p.prompt_len)
+    rows = synthetic_triplets(tok, prompter, p.groups, p.prompt_len)
+    (tmp / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    train(cfg)
+    result["wall_s"] = time.perf_counter() - t0
+    result["rollout_s"] = timer.get("rollout")
+    result["update_s"] = timer.get("update")
+    result["step_s"] = timer.get("training_step")
+    result["peaks"] = peaks.peak
+    result["peaks_above_base"] = {k: v - base * 1024 for k, v in peaks.absolute.items()}
+    result["process_peak_bytes"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    ) * 1024
+    result["skipped_knobs"] = skipped
+    if cuda:
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+        result["cuda_phase_bytes"] = peaks.cuda_peak
+    return result
+
+
+# --------------------------------------------------------------------------- measurement grid
+def default_grid() -> list[Point]:
+    """The CPU points: one knob at a time around a base point, then held-out combinations."""
+    base = Point(shape="qwen", layers=1, groups=2, k=4, prompt_len=96, response_len=32)
+    fit = [
+        replace(base, label="base"),
+        replace(base, layers=2, label="layers 2"),
+        replace(base, response_len=64, label="response 64"),
+        replace(base, prompt_len=192, label="prompt 192"),
+        replace(base, k=8, label="rollouts 8 (rows x2)"),
+        replace(base, minibatch=1, label="mini-batch 1 group"),
+        replace(base, micro_rows=2, label="micro-batch 2 rows"),
+        replace(base, gc=True, label="grad ckpt"),
+        replace(base, roll_rows=4, label="rollout budget 4 rows"),
+        replace(base, lora=True, label="LoRA"),
+        replace(base, shape="llama", lora=True, label="LoRA llama"),
+    ]
+    held_out = [
+        replace(base, layers=2, k=8, response_len=64, label="held out: layers 2, K 8, resp 64"),
+        replace(base, shape="qwen3", lora=True, gc=True, label="held out: LoRA+GC qwen3"),
+    ]
+    return [replace(p, label="fit: " + p.label) for p in fit] + held_out
+
+
+def point_key(p: Point) -> str:
+    d = asdict(p)
+    d.pop("label")
+    return json.dumps(d, sort_keys=True)
+
+
+def measure(points: list[Point], cache_file: Path | None, log=print) -> list[dict]:
+    """Run each point in its own subprocess (results cached in ``cache_file`` by point)."""
+    cached: dict[str, dict] = {}
+    if cache_file and cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                cached[point_key(Point(**r["point"]))] = r
+    out = []
+    for p in points:
+        key = point_key(p)
+        if key in cached:
+            r = dict(cached[key], point=asdict(p))
+            out.append(r)
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(asdict(p))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            log(f"  {p.label}: FAILED ({' | '.join(err)[:300]})")
+            continue
+        r = json.loads(line[-1][len("RESULT ") :])
+        log(f"  {p.label}: {time.perf_counter() - t0:.0f} s")
+        out.append(r)
+        if cache_file:
+            with cache_file.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+    return out
+
+
+# --------------------------------------------------------------- per-layer saved activations
+def layer_saved_bytes(
+    shape: Shape, lora: bool, tokens: tuple[int, int] = (128, 256), lora_r: int = 16
+) -> dict[str, float]:
+    """Bytes autograd saves for backward in ONE real-width decoder layer under bf16 autocast.
+
+    Measured with ``saved_tensors_hooks`` (each storage counted once, by address) around the
+    layer's forward at two token counts (one row): saved = weights + per_token x tokens.
+    ``weights``: weight copies kept for backward (full FT: autocast's bf16 weight cache; LoRA:
+    the bf16 casts of the frozen base weights, needed for the input gradient).
+    Returns {"per_token": bytes, "weights": bytes}.
+    """
+    import torch
+
+    from grace_lightning.module import wrap_lora
+
+    torch.manual_seed(0)
+    model = build_model(replace(shape, vocab=256), layers=1)
+    if lora:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = wrap_lora(
+            model, {"r": lora_r, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": targets}
+        )
+    model.train()
+    layer = model.get_decoder().layers[0]
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # e.g. sparse or wrapper tensors
+            pass
+        return t
+
+    forward = layer.forward
+
+    def hooked(*args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            return forward(*args, **kwargs)
+
+    layer.forward = hooked
+    sizes = []
+    for n in tokens:
+        seen.clear()
+        ids = torch.randint(0, 256, (1, n))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, use_cache=False).logits
+        sizes.append(sum(seen.values()))
+        del out
+    per_token = (sizes[1] - sizes[0]) / (tokens[1] - tokens[0])
+    return {"per_token": per_token, "weights": sizes[0] - per_token * tokens[0]}
+
+
+# ------------------------------------------------------------------------------ memory model
+@dataclass(frozen=True)
+class Recipe:
+    """The rollout batch of one optimiser-step cycle, for the WHOLE job (paper_sup defaults)."""
+
+    prompts: int = 64  # data.prompts_per_step x GPUs (upstream train_batch_size)
+    k: int = 8  # rollout.num_generations
+    anchors: int = 2  # anchor rollouts per prompt (sup: the query + one hard negative)
+    prompt_len: int = 1024  # prompt.max_prompt_tokens (worst case: every prompt this long)
+    response_len: int = 2048  # rollout.max_new_tokens (EOS off: every response this long)
+    minibatch: int = 16  # groups per optimiser step (upstream ppo_mini_batch_size)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How the step runs on each GPU."""
+
+    lora: bool = False
+    gc: bool = False  # model.gradient_checkpointing (the loss pass then runs full sequences)
+    devices: int = 1  # FSDP over this many GPUs (1: one GPU, no sharding)
+    lora_r: int = 16
+    share_prompt: bool = True  # algo.share_prompt (prompt once per group in the loss pass)
+    shared_prompt_kv: bool = False  # rollout rows of a group share their prompt's KV
+    foreach_adam: bool = True  # torch's CUDA default: sqrt(v) of every tensor at once in step
+    label: str = ""
+
+    def name(self) -> str:
+        parts = ["LoRA" if self.lora else "full FT", "GC" if self.gc else "no GC"]
+        parts.append(f"FSDP x{self.devices}" if self.devices > 1 else "1 GPU")
+        return ", ".join(parts)
+
+
+@dataclass
+class Coeffs:
+    """Fitted coefficients (defaults: this script's fit on a 2-core Xeon, see README)."""
+
+    kappa_full: float = 1.0  # measured / saved bytes of the layer activations, full FT
+    kappa_lora: float = 1.0  # same, LoRA
+    lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry)
+    sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
+    prefill: float = 1.0  # scale on the analytic no-grad prefill transient per prompt token
+    cache_rollout: float = 1.0  # 1: autocast caches the bf16 weights during the rollout too
+    update_const: float = 0.0  # bytes (framework overhead seen in the update phase)
+    rollout_const: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerSaved:
+    """One layer's saved-for-backward bytes (``layer_saved_bytes``), full FT and LoRA."""
+
+    full_per_token: float
+    full_weights: float
+    lora_per_token: float
+    lora_weights: float
+
+    def per_token(self, lora: bool) -> float:
+        return self.lora_per_token if lora else self.full_per_token
+
+    def weights(self, lora: bool) -> float:
+        return self.lora_weights if lora else self.full_weights
+
+
+def lm_chunk_tokens(vocab: int) -> int | None:
+    """Response tokens per LM-head chunk in the loss pass (rl/policy.py); None = unchunked."""
+    try:
+        from grace_lightning.rl.policy import LOGITS_CHUNK_BYTES
+    except ImportError:
+        return None
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
+
+
+def prefill_per_token(s: Shape) -> float:
+    """No-grad transient of one layer per prompt token (bf16 compute, fp32 residual), bytes:
+    residual + norm in/out (fp32), q/k/v/attention out (bf16), gate/up/act (bf16), plus the
+    engine's fp32 copy of the last hidden state and its masked copy (pooling)."""
+    return (
+        3 * 4 * s.hidden + 2 * (2 * s.q_dim + 2 * s.kv_dim) + 3 * 2 * s.intermediate + 8 * s.hidden
+    )
+
+
+def static_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
+    """Memory that lives through the whole step (bytes per GPU)."""
+    p = s.params(layers)
+    t = s.lora_params(st.lora_r, layers) if st.lora else p
+    n = st.devices
+    parts = {"weights": 4 * p / n, "adam": 8 * t / n}
+    if n > 1:  # gathered FSDP units: the root (embeddings, tied LM head) + 2 layers (prefetch)
+        parts["fsdp_gathered"] = 4 * (s.embed_params() + 2 * s.layer_params())
+    return parts
+
+
+def weight_cache(s: Shape, layers: int, st: Setting, lay: LayerSaved) -> float:
+    """bf16 weight copies alive through the step: autocast caches the casts of fp32 weights that
+    require grad (full FT, one GPU). Under FSDP the gathered weights are views (not cached)."""
+    if st.lora or st.devices > 1:
+        return 0.0
+    return 2 * s.linear_params(layers)
+
+
+def rollout_parts(
+    s: Shape,
+    layers: int,
+    st: Setting,
+    rows: int,
+    prompts: int,
+    prompt_len: int,
+    response_len: int,
+    c: Coeffs,
+    lay: LayerSaved,
+) -> dict[str, float]:
+    """Dynamic rollout memory for ``rows`` rows of ``prompts`` distinct prompts in flight."""
+    kv_tok = s.kv_bytes_per_token(layers)
+    if st.shared_prompt_kv:
+        kv = kv_tok * (prompts * prompt_len + rows * response_len)
+    else:
+        kv = kv_tok * rows * (prompt_len + response_len)
+    kv *= 1 + 1 / layers  # DynamicCache grows by torch.cat: one layer is copied at a time
+    decode = kv + c.sample * rows * s.vocab
+    prefill = prompts * prompt_len * (kv_tok + c.prefill * prefill_per_token(s))
+    parts = {
+        "kv+sampling" if decode >= prefill else "prefill": max(decode, prefill),
+        "weight_cache": c.cache_rollout * weight_cache(s, layers, st, lay),
+        "const": c.rollout_const,
+    }
+    if st.lora or st.devices > 1:  # uncached: the LM head's bf16 cast exists per decode step
+        parts["lm_head_cast"] = 2 * s.embed_params()
+    return parts
+
+
+def micro_tokens(rows: int, k: int, prompt_len: int, response_len: int, st: Setting):
+    """(tokens through the layers, response tokens, prompts) of a micro-batch of ``rows``."""
+    if st.gc or not st.share_prompt:  # full sequences: every row carries its prompt
+        return rows * (prompt_len + response_len), rows * response_len, rows
+    prompts = math.ceil(rows / k)  # whole groups share one prompt pass; a split group runs it
+    return prompts * prompt_len + rows * response_len, rows * response_len, prompts
+
+
+def update_parts(
+    s: Shape,
+    layers: int,
+    st: Setting,
+    rows: int,
+    k: int,
+    prompt_len: int,
+    response_len: int,
+    c: Coeffs,
+    lay: LayerSaved,
+    vocab_chunk: int | None,
+) -> dict[str, float]:
+    """Dynamic memory of one micro-batch's forward + backward (bytes per GPU)."""
+    tokens, resp, _ = micro_tokens(rows, k, prompt_len, response_len, st)
+    kappa = c.kappa_lora if st.lora else c.kappa_full
+    a = lay.per_token(st.lora)
+    if st.gc:  # layer inputs (fp32 residual) kept, one layer recomputed at a time
+        act = kappa * (layers * 4 * s.hidden * tokens + a * tokens)
+    else:
+        act = kappa * layers * a * tokens
+    t = s.lora_params(st.lora_r, layers) if st.lora else s.params(layers)
+    chunk = resp if vocab_chunk is None else min(resp, vocab_chunk)
+    parts = {
+        "activations": act,
+        "lm_head": c.lm * chunk * s.vocab + 8 * s.hidden * resp,  # chunk logits + hidden states
+        "grads": 4 * t / st.devices,
+        "weight_cache": weight_cache(s, layers, st, lay),
+        "const": c.update_const,
+    }
+    if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
+        parts["tied_grad"] = 6 * s.embed_params()
+    if not st.gc and st.share_prompt:  # each row's gathered prompt K/V, saved by attention
+        parts["kv_gather"] = rows * prompt_len * s.kv_bytes_per_token(layers)
+    if st.lora:  # bf16 casts of the frozen weights, saved for the input gradient, per pass
+        passes = 2 if st.share_prompt and not st.gc else 1
+        parts["weight_copies"] = lay.weights(True) * (1 if st.gc else layers * passes)
+    elif st.devices > 1:  # FSDP: uncached bf16 casts saved for backward (one layer with GC)
+        parts["weight_copies"] = lay.weights(False) * (1 if st.gc else layers)
+    return parts
+
+
+def step_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
+    """The optimiser step: gradients + (CUDA foreach AdamW) one more fp32 copy while it runs."""
+    t = s.lora_params(st.lora_r, layers) if st.lora else s.params(layers)
+    parts = {"grads": 4 * t / st.devices}
+    if st.foreach_adam:
+        parts["adam_temp"] = 4 * t / st.devices
+    return parts
+
+
+def predict_peak(
+    s: Shape,
+    st: Setting,
+    recipe: Recipe,
+    c: Coeffs,
+    lay: LayerSaved,
+    micro_rows: int | None = None,
+    rollout_rows: int | None = None,
+    layers: int | None = None,
+) -> dict:
+    """Peak bytes per GPU of one rollout batch of ``recipe`` in steady state (not the first)."""
+    n = layers or s.layers
+    g = recipe.prompts // st.devices  # policy prompts per GPU
+    all_rows = g * (recipe.k + recipe.anchors)
+    distinct = g * (1 + recipe.anchors)
+    r = min(rollout_rows or all_rows, all_rows)
+    mb_rows = recipe.minibatch // st.devices * recipe.k
+    m = min(micro_rows or mb_rows, mb_rows)
+    static = static_parts(s, n, st)
+    base = sum(static.values())
+    ro = rollout_parts(
+        s,
+        n,
+        st,
+        r,
+        max(1, math.ceil(distinct * r / all_rows)),
+        recipe.prompt_len,
+        recipe.response_len,
+        c,
+        lay,
+    )
+    up = update_parts(
+        s,
+        n,
+        st,
+        m,
+        recipe.k,
+        recipe.prompt_len,
+        recipe.response_len,
+        c,
+        lay,
+        lm_chunk_tokens(s.vocab),
+    )
+    sp = step_parts(s, n, st)
+    sp["weight_cache"] = weight_cache(s, n, st, lay)
+    phases = {
+        "rollout": base + sum(ro.values()),
+        "update": base + sum(up.values()),
+        "optim_step": base + sum(sp.values()),
+    }
+    worst = max(phases, key=phases.get)
+    return {
+        "peak": phases[worst],
+        "phase": worst,
+        "phases": phases,
+        "static": static,
+        "rollout": ro,
+        "update": up,
+        "step": sp,
+        "micro_rows": m,
+        "rollout_rows": r,
+    }
+
+
+def largest_fitting(fn, hi: int, cap: float) -> int:
+    """The largest x in [1, hi] with fn(x) <= cap (fn non-decreasing); 0 if none."""
+    if fn(1) > cap:
+        return 0
+    lo = 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fn(mid) <= cap:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ------------------------------------------------------------------------------------ fitting
+def point_shape(p: Point) -> Shape:
+    return TINY if p.tiny else SHAPES[p.shape]
+
+
+def trainable_params(s: Shape, layers: int, lora: bool, r: int = 16) -> int:
+    return s.lora_params(r, layers) if lora else s.params(layers)
+
+
+def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[str, float]:
+    """What ``run_point`` measures for ``p`` (the FIRST rollout batch on CPU), per phase, bytes
+    above the RSS at the phase's start: no gradients or AdamW state exist before the first step,
+    and the rollout creates autocast's weight cache, which the update then finds."""
+    s, st, n = point_shape(p), Setting(lora=p.lora, gc=p.gc), p.layers
+    all_rows, distinct = p.groups * (p.k + 2), p.groups * 3
+    roll = None if OPTIONAL_KNOBS["roll_rows"] in skipped else p.roll_rows
+    r = min(roll or all_rows, all_rows)
+    ro = rollout_parts(
+        s,
+        n,
+        st,
+        r,
+        max(1, math.ceil(distinct * r / all_rows)),
+        p.prompt_len,
+        p.response_len,
+        c,
+        lay,
+    )
+    micro = None if OPTIONAL_KNOBS["micro_rows"] in skipped else p.micro_rows
+    mb_rows = p.mb_groups * p.k
+    up = update_parts(
+        s,
+        n,
+        st,
+        min(micro or mb_rows, mb_rows),
+        p.k,
+        p.prompt_len,
+        p.response_len,
+        c,
+        lay,
+        lm_chunk_tokens(s.vocab),
+    )
+    t = trainable_params(s, n, p.lora)
+    update = sum(up.values()) - c.cache_rollout * up["weight_cache"]
+    if p.groups > p.mb_groups:  # later mini-batches find the AdamW state of the first step
+        update += 8 * t
+    biggest = 16 * max(s.intermediate, s.q_dim, s.hidden) if p.lora else s.embed_params()
+    # CPU AdamW (single-tensor): state created at the first step + sqrt(v) and its scaled copy
+    step = 8 * t + 2 * 4 * biggest
+    return {"rollout": sum(ro.values()), "update": update, "optim_step": step}
+
+
+FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps it well posed
+    ("kappa_full", 1.0, 0.3, 4.0),
+    ("kappa_lora", 1.0, 0.3, 4.0),
+    ("lm", 20.0, 0.0, 200.0),
+    ("sample", 30.0, 0.0, 400.0),
+    ("prefill", 1.0, 0.0, 10.0),
+    ("cache_rollout", 1.0, 0.0, 1.0),
+    ("update_const", 0.0, -0.5 * GIB, 1.0 * GIB),
+    ("rollout_const", 0.0, -0.5 * GIB, 1.0 * GIB),
+]
+
+
+def fit_coeffs(results: list[dict], lays: dict[str, LayerSaved], prior: Coeffs | None = None):
+    """Least squares (GiB residuals) of the rollout and update phases over ``results``."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    prior = prior or Coeffs()
+    names = [n for n, *_ in FIT_PARAMS]
+    scale = np.array([max(abs(getattr(prior, n)), 1.0) if "const" not in n else GIB for n in names])
+    x0 = np.array([getattr(prior, n) for n in names]) / scale
+    lo = np.array([f[2] for f in FIT_PARAMS]) / scale
+    hi = np.array([f[3] for f in FIT_PARAMS]) / scale
+    x0 = np.clip(x0, lo, hi)
+
+    def coeffs(x) -> Coeffs:
+        return replace(prior, **{n: float(v) for n, v in zip(names, x * scale)})
+
+    def residuals(x):
+        c, res = coeffs(x), []
+        for r in results:
+            p = Point(**r["point"])
+            pred = predict_measured(
+                p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ())
+            )
+            for phase in ("rollout", "update"):
+                if phase in r["peaks"]:
+                    res.append((pred[phase] - r["peaks"][phase]) / GIB)
+        res.extend(0.02 * (x - x0))  # weak prior
+        return np.array(res)
+
+    sol = least_squares(residuals, x0, bounds=(lo, hi))
+    return coeffs(sol.x)
+
+
+def fit_report(results: list[dict], c: Coeffs, lays: dict[str, LayerSaved]) -> list[dict]:
+    rows = []
+    for r in results:
+        p = Point(**r["point"])
+        pred = predict_measured(
+            p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ())
+        )
+        row = {"label": p.label, "held_out": not p.label.startswith("fit:")}
+        for phase in ("rollout", "update", "optim_step"):
+            row[phase] = (r["peaks"].get(phase), pred[phase])
+        row["skipped"] = r.get("skipped_knobs", [])
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- paper-scale table
+SETTINGS = [
+    Setting(lora=lora, gc=gc, devices=n)
+    for lora in (False, True)
+    for n in (1, 4)
+    for gc in (False, True)
+]
+
+
+def gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / GIB:.1f}"
+
+
+def paper_table(c: Coeffs, lays: dict[str, LayerSaved], recipe: Recipe, cap: float) -> list[dict]:
+    """Per backbone x setting: peak as written (no budgets), the largest micro-batch and rollout
+    batch that fit ``cap`` bytes, and the peak with those."""
+    rows = []
+    for key, s in SHAPES.items():
+        lay = lays[key]
+        for st in SETTINGS:
+            asis = predict_peak(s, st, recipe, c, lay)
+            mb_rows, all_rows = asis["micro_rows"], asis["rollout_rows"]
+
+            def upd(m, st=st, s=s, lay=lay):
+                return predict_peak(s, st, recipe, c, lay, micro_rows=m)["phases"]["update"]
+
+            def rol(r, st=st, s=s, lay=lay):
+                return predict_peak(s, st, recipe, c, lay, rollout_rows=r)["phases"]["rollout"]
+
+            m = largest_fitting(upd, mb_rows, cap)
+            r = largest_fitting(rol, all_rows, cap)
+            best = predict_peak(s, st, recipe, c, lay, micro_rows=max(m, 1), rollout_rows=max(r, 1))
+            fits = m >= 1 and r >= 1 and best["peak"] <= cap
+            rows.append(
+                {
+                    "backbone": s.name,
+                    "key": key,
+                    "setting": st.name(),
+                    "asis": asis,
+                    "micro": m,
+                    "rollout": r,
+                    "best": best,
+                    "fits": fits,
+                    "mb_rows": mb_rows,
+                    "all_rows": all_rows,
+                }
+            )
+    return rows
+
+
+def print_paper_table(rows: list[dict], recipe: Recipe, cap: float) -> None:
+    seq = recipe.prompt_len + recipe.response_len
+    print(
+        f"\npaper_sup per GPU: {recipe.prompts} prompts x {recipe.k} rollouts + {recipe.anchors} "
+        f"anchors each, prompts {recipe.prompt_len} + responses {recipe.response_len} tokens "
+        f"(EOS off), mini-batch {recipe.minibatch} groups; bf16 autocast, fp32 master weights, "
+        f"AdamW; 'fits' = predicted peak <= {cap / GIB:.0f} GiB"
+    )
+    head = (
+        f"{'backbone':13s} {'setting':24s} {'as written':>10s} {'(phase)':>10s} "
+        f"{'micro rows':>10s} {'(tokens)':>9s} {'rollout rows':>12s} {'(KV tok)':>9s} "
+        f"{'peak':>6s} {'(phase)':>10s} fits"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        a, b = r["asis"], r["best"]
+        micro = f"{r['micro']}/{r['mb_rows']}"
+        roll = f"{r['rollout']}/{r['all_rows']}"
+        print(
+            f"{r['backbone']:13s} {r['setting']:24s} {gib(a['peak']):>10s} {a['phase']:>10s} "
+            f"{micro:>10s} {r['micro'] * seq:>9d} {roll:>12s} {r['rollout'] * seq:>9d} "
+            f"{gib(b['peak']):>6s} {b['phase']:>10s} {'yes' if r['fits'] else 'NO'}"
+        )
+    print(
+        "as written: one micro-batch per mini-batch and the whole rollout batch at once. micro rows"
+        " / rollout rows: the largest algo.micro_batch_size and rollout row budget that fit (of"
+        " the mini-batch / rollout batch per GPU), tokens = rows x (prompt + response) (verl's"
+        " ppo_max_token_len_per_gpu, the KV-token budget); peak: with both. GiB = 2**30 bytes."
+    )
+
+
+def print_fit_report(rows: list[dict]) -> dict[str, float]:
+    print(
+        f"\n{'point':42s} {'rollout GiB':>14s} {'update GiB':>14s} {'optim step GiB':>15s}"
+        "   (measured / model)"
+    )
+    errs: dict[str, list[float]] = {"fit": [], "held_out": []}
+    for r in rows:
+        cells = []
+        for phase in ("rollout", "update", "optim_step"):
+            meas, pred = r[phase]
+            cells.append(f"{gib(meas):>6s} / {gib(pred):<6s}")
+            if meas and phase != "optim_step":
+                errs["held_out" if r["held_out"] else "fit"].append(abs(pred - meas) / meas)
+        note = f"  (knob absent: {', '.join(r['skipped'])})" if r["skipped"] else ""
+        print(f"{r['label'][:42]:42s} " + " ".join(cells) + note)
+    summary = {k: (100 * max(v) if v else float("nan")) for k, v in errs.items()}
+    mean = {k: (100 * sum(v) / len(v) if v else float("nan")) for k, v in errs.items()}
+    print(
+        f"fit error (rollout + update phases): fit points mean {mean['fit']:.0f}% max "
+        f"{summary['fit']:.0f}%; held-out points mean {mean['held_out']:.0f}% max "
+        f"{summary['held_out']:.0f}%"
+    )
+    return {
+        "fit_mean": mean["fit"],
+        "fit_max": summary["fit"],
+        "held_mean": mean["held_out"],
+        "held_max": summary["held_out"],
+    }
+
+
+# ----------------------------------------------------------------------------------- drivers
+# layer_saved_bytes() on this project's CPU (torch 2.13, transformers 5.24): --predict-only uses
+# these; a measuring run recomputes them (seconds)
+LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {}
+DEFAULT_COEFFS = Coeffs()
+
+
+def layer_table(keys, cache: Path | None = None) -> dict[str, LayerSaved]:
+    """``layer_saved_bytes`` for each shape key (and "tiny"), cached in ``cache`` (JSON)."""
+    stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    out = {}
+    for key in keys:
+        if key not in stored:
+            s = TINY if key == "tiny" else SHAPES[key]
+            full, lora = layer_saved_bytes(s, False), layer_saved_bytes(s, True)
+            stored[key] = {
+                "full_per_token": full["per_token"],
+                "full_weights": full["weights"],
+                "lora_per_token": lora["per_token"],
+                "lora_weights": lora["weights"],
+            }
+            if cache:
+                cache.write_text(json.dumps(stored, indent=1))
+        out[key] = LayerSaved(**stored[key])
+    return out
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def run_measure_and_fit(args) -> tuple[Coeffs, dict[str, LayerSaved]]:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="paper-scale-"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"CPU: {cpu_model_name()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}; results in {out}"
+    )
+    points = default_grid()
+    print(f"measuring {len(points)} points (one subprocess each; cached in {out}/points.jsonl):")
+    results = measure(points, out / "points.jsonl")
+    lays = layer_table(list(SHAPES) + ["tiny"], out / "layers.json")
+    print("\nsaved for backward per decoder layer (bf16 autocast; saved_tensors_hooks):")
+    for key, lay in lays.items():
+        if key == "tiny":
+            continue
+        s = SHAPES[key]
+        print(
+            f"  {s.name:13s} full FT {lay.full_per_token / 1024:6.1f} KiB/token "
+            f"({lay.full_per_token / s.hidden:5.1f} x hidden) + "
+            f"{lay.full_weights / s.layer_linear_params():.2f} B/weight;  LoRA "
+            f"{lay.lora_per_token / 1024:6.1f} KiB/token + "
+            f"{lay.lora_weights / s.layer_linear_params():.2f} B/weight"
+        )
+    fit_points = [r for r in results if r["point"]["label"].startswith("fit:")]
+    c = fit_coeffs(fit_points, lays, DEFAULT_COEFFS)
+    errors = print_fit_report(fit_report(results, c, lays))
+    print(
+        "fitted: "
+        + ", ".join(
+            f"{k}={v / GIB:.3f} GiB" if "const" in k else f"{k}={v:.3g}"
+            for k, v in asdict(c).items()
+        )
+    )
+    (out / "fit.json").write_text(json.dumps({"coeffs": asdict(c), "errors": errors}, indent=1))
+    return c, lays
+
+
+def summary(rows: list[dict]) -> None:
+    print("\nsettings that fit (per backbone):")
+    for key, s in SHAPES.items():
+        ok = [r for r in rows if r["key"] == key and r["fits"]]
+        text = (
+            "; ".join(
+                f"{r['setting']} (micro {r['micro']} rows, rollout {r['rollout']} rows, "
+                f"{gib(r['best']['peak'])} GiB)"
+                for r in ok
+            )
+            or "none"
+        )
+        print(f"  {s.name}: {text}")
+
+
+def gpu_mode(args) -> None:
+    """The full-size check: one rollout batch of the recipe on a Qwen2.5-1.5B-shaped model."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = "tiny" if args.tiny else "qwen"
+    s = TINY if args.tiny else SHAPES["qwen"]
+    recipe = Recipe(
+        prompts=args.prompts,
+        k=args.k,
+        prompt_len=args.prompt_len,
+        response_len=args.response_len,
+        minibatch=min(16, args.prompts),
+    )
+    st = Setting(gc=not args.no_gc)
+    lay = layer_table([key])[key]
+    c, cap = DEFAULT_COEFFS, args.capacity_gib * GIB
+
+    def plan(skipped=()):
+        micro, roll = args.micro_rows, args.rollout_rows
+        probe = predict_peak(s, st, recipe, c, lay)
+        if micro is None:
+            micro = (
+                largest_fitting(
+                    lambda m: predict_peak(s, st, recipe, c, lay, micro_rows=m)["phases"]["update"],
+                    probe["micro_rows"],
+                    cap,
+                )
+                or 1
+            )
+        if roll is None:
+            roll = (
+                largest_fitting(
+                    lambda r: predict_peak(s, st, recipe, c, lay, rollout_rows=r)["phases"][
+                        "rollout"
+                    ],
+                    probe["rollout_rows"],
+                    cap,
+                )
+                or 1
+            )
+        pm = None if OPTIONAL_KNOBS["micro_rows"] in skipped else micro
+        pr = None if OPTIONAL_KNOBS["roll_rows"] in skipped else roll
+        return micro, roll, predict_peak(s, st, recipe, c, lay, micro_rows=pm, rollout_rows=pr)
+
+    micro, roll, pred = plan()
+    print(
+        f"device {device}; {s.name} shape, {s.params() / 1e9:.2f}B params, random weights, "
+        f"EOS off; {recipe.prompts} prompts x {recipe.k} rollouts (+{recipe.anchors} anchors "
+        f"each), prompts {recipe.prompt_len} + responses {recipe.response_len} tokens; "
+        f"{st.name()}; micro-batch {micro} rows, rollout budget {roll} rows"
+    )
+    print("predicted peak (GiB): " + ", ".join(f"{k} {gib(v)}" for k, v in pred["phases"].items()))
+    point = Point(
+        shape="qwen",
+        layers=s.layers,
+        groups=recipe.prompts,
+        k=recipe.k,
+        minibatch=recipe.minibatch,
+        prompt_len=recipe.prompt_len,
+        response_len=recipe.response_len,
+        gc=st.gc,
+        micro_rows=micro,
+        roll_rows=roll,
+        device=device,
+        tiny=args.tiny,
+        label="gpu",
+    )
+    r = run_point(point)
+    _, _, pred = plan(r["skipped_knobs"])
+    if r["skipped_knobs"]:
+        print(f"knobs not in the config yet (not applied): {', '.join(r['skipped_knobs'])}")
+    rows_all = recipe.prompts * (recipe.k + recipe.anchors)
+    gen = rows_all * recipe.response_len
+    print(
+        f"step {r['step_s']:.1f} s (rollout {r['rollout_s']:.1f} s, update {r['update_s']:.1f} s);"
+        f" rollout {gen / r['rollout_s']:.0f} generated tokens/s ({gen} tokens)"
+    )
+    kind = "CUDA max_memory_allocated" if "cuda_phase_bytes" in r else "RSS above the base"
+    measured = r.get("cuda_phase_bytes") or r["peaks_above_base"]
+    print(f"peak memory (GiB), measured ({kind}) vs predicted:")
+    for phase in ("rollout", "update", "optim_step"):
+        print(f"  {phase:10s} {gib(measured.get(phase)):>7s}  vs {gib(pred['phases'][phase]):>7s}")
+    print(json.dumps({"gpu_check": r, "predicted": pred["phases"]}, default=str)[:4000])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--point", default=None, help=argparse.SUPPRESS)  # child process
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for points.jsonl / layers.json / fit.json "
+        "(re-used: delete points.jsonl to measure again)",
+    )
+    p.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="skip the CPU measurements: the table from the stored coefficients",
+    )
+    p.add_argument(
+        "--capacity-gib",
+        type=float,
+        default=74.0,
+        help="usable GPU memory: an 80 GB H100 shows 79.6 GiB; minus CUDA context, "
+        "workspaces and ~5%% allocator fragmentation",
+    )
+    p.add_argument("--gpu", action="store_true", help="the full-size check (one rollout batch)")
+    p.add_argument("--device", default=None, help="--gpu: cuda (default when available) | cpu")
+    p.add_argument("--tiny", action="store_true", help="--gpu: a tiny Qwen2 shape (smoke test)")
+    p.add_argument("--prompts", type=int, default=64, help="--gpu: policy prompts (paper 64)")
+    p.add_argument("--k", type=int, default=8, help="--gpu: rollouts per prompt (paper 8)")
+    p.add_argument(
+        "--prompt-len", type=int, default=1024, help="--gpu: prompt tokens (paper <=1024)"
+    )
+    p.add_argument("--response-len", type=int, default=2048, help="--gpu: response tokens (2048)")
+    p.add_argument(
+        "--micro-rows",
+        type=int,
+        default=None,
+        help="--gpu: algo.micro_batch_size (default: the largest the model says fits)",
+    )
+    p.add_argument(
+        "--rollout-rows",
+        type=int,
+        default=None,
+        help="--gpu: rollout row budget (default: the largest the model says fits)",
+    )
+    p.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="--gpu: gradient checkpointing off (paper_sup has it on)",
+    )
+    args = p.parse_args()
+    if args.point:
+        print("RESULT " + json.dumps(run_point(Point(**json.loads(args.point)))))
+        return
+    if args.gpu:
+        gpu_mode(args)
+        return
+    if args.predict_only:
+        c, lays = DEFAULT_COEFFS, LAYER_SAVED_DEFAULT or layer_table(list(SHAPES))
+    else:
+        c, lays = run_measure_and_fit(args)
+    cap = args.capacity_gib * GIB
+    rows = paper_table(c, lays, Recipe(), cap)
+    print_paper_table(rows, Recipe(), cap)
+    summary(rows)
+    fsdp = Recipe()
+    print(
+        f"(FSDP x4 rows: {fsdp.prompts // 4} prompts and {fsdp.minibatch // 4} groups per "
+        "mini-batch on each GPU; data.prompts_per_step is per device)"
+    )
+
+
+if __name__ == "__main__":
+    main()
