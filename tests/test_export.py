@@ -211,3 +211,134 @@ def test_eval_takes_a_checkpoint(grace_ckpt, tmp_path, monkeypatch):
     again = evaluate(eval_cfg(tmp_path / "e2", args))
     assert again["avg"] == pytest.approx(res["avg"])
     assert run_mod.load_encoder(str(ckpt), device="cpu", mode="base").name == "run-last"
+
+
+# ----------------------------------------------------------------------------- model card, Hub
+def _run_with_history(tiny_backbone, tmp_path: Path) -> Path:
+    from grace_lightning.export import save_policy
+
+    model, tok = tiny_backbone
+    run = tmp_path / "run"
+    meta = {
+        "system_prompt": "Summarise the text.",
+        "max_prompt_tokens": 48,
+        "backbone": "tiny",
+        "rollout": {"temperature": 1.0, "max_new_tokens": 5},
+        "global_step": 8,
+    }
+    save_policy(model, tok, run / "export", meta, False)
+    rows = [
+        {"step": s, "text": t, "rationale": f"<think>about {t} at {s}</think>", "reward": 0.25}
+        for s in (4, 8)
+        for t in ("First text.", "Second text.")
+    ]
+    (run / "rationales.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{cut")
+    (run / "eval").mkdir()
+    scores = {
+        "label": "tiny",
+        "mode": "rationale",
+        "suite": "local",
+        "avg": 41.5,
+        "tasks": [
+            {"task": "STS12", "category": "STS", "main_score": "cosine_spearman", "score": 50.0},
+            {
+                "task": "LocalSciFactTrain",
+                "category": "Retr",
+                "main_score": "ndcg_at_10",
+                "score": 33.0,
+            },
+        ],
+    }
+    (run / "eval" / "scores.json").write_text(json.dumps(scores))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("algo:\n  advantage: grpo\nreward:\n  tau: 0.05\n")
+    return run
+
+
+def test_model_card_is_written_and_parses(tiny_backbone, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run = _run_with_history(tiny_backbone, tmp_path)
+    out = export_run(run)  # refresh: the card now sees eval/scores.json and rationales.jsonl
+    card = ModelCard.load(out / "README.md")
+    data = card.data
+    assert data.library_name == "sentence-transformers"
+    assert data.pipeline_tag == "sentence-similarity"
+    assert {"sentence-transformers", "mteb", "grace"} <= set(data.tags)
+    assert data.license == "other" and data.base_model is None  # tiny: config-built, no Hub base
+    results = {(r.task_name, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {
+        ("STS12", "cosine_spearman"): 50.0,
+        ("LocalSciFactTrain", "ndcg_at_10"): 33.0,
+    }
+    sts = next(r for r in data.eval_results if r.task_name == "STS12")
+    assert sts.dataset_type == "mteb/sts12-sts" and sts.dataset_revision  # mteb's own dataset
+    text = card.text
+    assert "| STS12 | STS | cosine_spearman | 50.00 |" in text and "**41.50**" in text
+    assert "<think>about First text. at 8</think>" in text and "at 4</think>" not in text
+    assert "advantage: grpo" in text  # .hydra/config.yaml
+    assert '"Summarise the text."' in text
+    for snippet in (
+        "from grace_lightning import GraceEncoder",
+        "SentenceTransformer(",
+        "trust_remote_code=True",
+        "AutoModelForCausalLM.from_pretrained",
+        "grace_model_meta(",
+    ):
+        assert snippet in text, snippet
+
+
+def test_model_card_base_model_and_licence(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from grace_lightning.export.card import write_model_card
+
+    (tmp_path / "grace_config.json").write_text(
+        json.dumps({"base_model": "Qwen/Qwen2.5-1.5B-Instruct", "system_prompt": None})
+    )
+    data = ModelCard.load(write_model_card(tmp_path)).data
+    assert data.base_model == "Qwen/Qwen2.5-1.5B-Instruct" and data.license == "apache-2.0"
+    assert not data.eval_results  # no eval in this run: no model-index
+    assert "No evaluation in this run" in ModelCard.load(tmp_path / "README.md").text
+
+
+def test_push_to_hub_uploads_the_export(tiny_backbone, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, ModelCard
+
+    from grace_lightning.export.hub import push_to_hub
+
+    run = _run_with_history(tiny_backbone, tmp_path)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set.*not uploaded"):
+        push_to_hub(run / "export", "me/grace-tiny")  # conftest sets HF_HUB_OFFLINE=1
+    calls = {}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **k: calls.update(repo=repo_id))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls.update(
+            upload=(repo_id, folder_path, sorted(p.name for p in Path(folder_path).iterdir()))
+        )
+        return "https://huggingface.co/me/grace-tiny/commit/abc"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert export_main([str(run), "--push-to-hub", "me/grace-tiny"]) == 0
+    repo, folder, files = calls["upload"]
+    assert calls["repo"] == repo == "me/grace-tiny" and Path(folder) == run / "export"
+    assert {"README.md", "modules.json", "grace_embedding.py", "model.safetensors"} <= set(files)
+    card = ModelCard.load(run / "export" / "README.md")
+    assert 'SentenceTransformer("me/grace-tiny", trust_remote_code=True)' in card.text
+    assert card.data.model_name == "me/grace-tiny"
+    # the training knob: callbacks.export.push_to_hub=<repo id> uploads when fit ends
+    from types import SimpleNamespace
+
+    from grace_lightning.callbacks.export import ExportPolicy
+
+    calls.clear()
+    cb = ExportPolicy(str(run / "export"), push_to_hub="me/from-training")
+    cb.on_fit_end(SimpleNamespace(is_global_zero=True, fast_dev_run=False), None)
+    assert calls["upload"][0] == "me/from-training"
+    calls.clear()
+    ExportPolicy(str(run / "export")).on_fit_end(
+        SimpleNamespace(is_global_zero=True, fast_dev_run=False), None
+    )
+    assert not calls  # off by default

@@ -23,8 +23,16 @@ class ExportPolicy(L.Callback):
     (a collective), then rank 0 exports an unsharded copy of the policy holding it.
     """
 
-    def __init__(self, dirpath: str):
+    def __init__(self, dirpath: str, push_to_hub: str | None = None):
         self.dirpath = Path(dirpath)
+        self.push_to_hub = push_to_hub  # a Hub repo id: upload when fit ends (Hub only)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # after every on_train_end (FinalEvaluation's scores then reach the model card)
+        if self.push_to_hub and trainer.is_global_zero and not trainer.fast_dev_run:
+            from grace_lightning.export.hub import push_to_hub
+
+            log.info("uploaded %s: %s", self.dirpath, push_to_hub(self.dirpath, self.push_to_hub))
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if trainer.fast_dev_run:

@@ -32,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export_run(args.path, args.out, adapter_only=args.adapter_only)
-        if args.license:
+        if args.push_to_hub:  # rewrites the card for the repo id, then uploads
+            from grace_lightning.export.hub import push_to_hub
+
+            push_to_hub(out, args.push_to_hub, license=args.license)
+        elif args.license:
             from grace_lightning.export.card import write_model_card
 
             run = out.parent if out.name == "export" else None
             write_model_card(out, run_dir=run, license=args.license)
-        if args.push_to_hub:
-            from grace_lightning.export.hub import push_to_hub
-
-            push_to_hub(out, args.push_to_hub)
     except (ExportError, RunDirError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

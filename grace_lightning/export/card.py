@@ -117,12 +117,15 @@ def _task_dataset(task: str) -> tuple[str, str | None]:
 def eval_results(scores: dict[str, Any] | None, model_name: str) -> list:
     from huggingface_hub import EvalResult
 
+    from grace_lightning.eval.suites import CATEGORY_COLUMNS
+
+    task_types = {short: full for full, short in CATEGORY_COLUMNS.items()}  # Retr -> Retrieval
     out = []
     for t in (scores or {}).get("tasks", []):
         dataset, revision = _task_dataset(t["task"])
         out.append(
             EvalResult(
-                task_type=str(t.get("category") or "MTEB"),
+                task_type=task_types.get(t.get("category"), str(t.get("category") or "MTEB")),
                 task_name=t["task"],
                 dataset_type=dataset,
                 dataset_name=f"MTEB {t['task']}",
@@ -131,7 +134,6 @@ def eval_results(scores: dict[str, Any] | None, model_name: str) -> list:
                 dataset_revision=revision,
                 metric_type=str(t.get("main_score") or "main_score"),
                 metric_value=round(float(t["score"]), 2),
-                source_name=f"grace_lightning eval.py ({(scores or {}).get('mode', '?')} mode)",
             )
         )
     return out

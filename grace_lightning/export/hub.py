@@ -22,6 +22,7 @@ def push_to_hub(
     private: bool = False,
     token: str | None = None,
     commit_message: str | None = None,
+    license: str | None = None,
 ) -> str:
     """Check the export, rewrite its card for ``repo_id``, create the repo, upload the folder.
 
@@ -41,7 +42,7 @@ def push_to_hub(
 
         write_sentence_transformers_files(export)
     run_dir = export.parent if export.name == "export" else None
-    write_model_card(export, run_dir=run_dir, repo_id=repo_id)
+    write_model_card(export, run_dir=run_dir, repo_id=repo_id, license=license)
     if hub_offline():
         raise RuntimeError(
             f"push_to_hub={repo_id}: HF_HUB_OFFLINE is set, so {export} was prepared (card "
