@@ -3,6 +3,7 @@ computation, and a peak memory that does not grow with rows x length x vocab."""
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import pytest
@@ -134,6 +135,31 @@ def test_no_grad_pass_and_scalar_temperature(tiny_backbone):
             )
             assert ent is None and not logp.requires_grad
             torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_rows_are_scored_at_temperature_one(tiny_backbone):
+    # temperature 0 marks a greedy row (ReMax); the engine scores it at T=1, so do we (no inf)
+    model, _ = tiny_backbone
+    *batch, temps = _batch(model.config.vocab_size)
+    with torch.no_grad():
+        ref, _ = _naive(model, *batch, torch.where(temps == 0.7, 1.0, temps))
+        logp, _ = response_logprobs(model, *batch, torch.where(temps == 0.7, 0.0, temps))
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_path_matches(tiny_backbone):
+    model = copy.deepcopy(tiny_backbone[0]).train()  # the fixture must not be mutated
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()  # as module.py
+    batch = _batch(model.config.vocab_size)
+    ref, _ = _naive(model, *batch)
+    ref.sum().backward()
+    ref_grads = _grads(model).clone()
+    model.zero_grad(set_to_none=True)
+    logp, _ = response_logprobs(model, *batch, chunk_tokens=5)  # full-sequence path
+    logp.sum().backward()
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+    assert ((_grads(model) - ref_grads).norm() / ref_grads.norm()).item() < 1e-5
 
 
 def test_token_logprobs_gradient_reaches_hidden_and_lm_head():

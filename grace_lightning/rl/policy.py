@@ -82,8 +82,9 @@ def token_logprobs(
     """log softmax(lm_head(hidden) / temperature)[ids], chunked over the active tokens.
 
     hidden: (N, R, D), position j predicts ids[:, j]; ids, mask: (N, R); temperature: scalar
-    or (N,) per row. chunk_tokens: active tokens per chunk; None = LOGITS_CHUNK_BYTES of fp32
-    logits. Gradients reach ``hidden`` and the LM head's parameters (recomputed per chunk in the
+    or (N,) per row (<= 0 means greedy and is scored at T=1, as the rollout engine does).
+    chunk_tokens: active tokens per chunk; None = LOGITS_CHUNK_BYTES of fp32 logits.
+    Gradients reach ``hidden`` and the LM head's parameters (recomputed per chunk in the
     backward under autograd). Entropy is computed in the forward only, without grad.
     Returns (N, R) float32 log-probs and entropies (or None), zero where mask == 0.
     """
@@ -92,6 +93,7 @@ def token_logprobs(
     h = hidden[active]  # (T, D) the T tokens that count
     tok = ids[active]  # (T,)
     temp = torch.as_tensor(temperature, device=hidden.device).reshape(-1)  # (1,) or (N,)
+    temp = torch.where(temp > 0, temp, torch.ones_like(temp))  # 0 = greedy: T=1, as the engine
     temp = temp.expand(N)[:, None].expand(N, R)[active]  # (T,)
     step = chunk_tokens if chunk_tokens is not None else _auto_chunk_tokens(lm_head)
     if step < 1:
@@ -117,9 +119,8 @@ def token_logprobs(
 def _chunk_logp(lm_head, h, ids, temp, with_entropy: bool, sink: dict) -> torch.Tensor:
     """h (C, D), ids (C,), temp (C,) -> (C,) log-probs; entropy (C,) into ``sink`` once."""
     logits = lm_head(h)  # (C, V) model dtype (bf16 under autocast)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temp[:, None].to(
-        torch.promote_types(logits.dtype, torch.float32)
-    )  # (C, V) fp32
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(acc) / temp.to(acc)[:, None]  # (C, V) at least fp32
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
     logp = logits.gather(-1, ids[:, None]).squeeze(-1) - lse  # (C,)
     if with_entropy and "entropy" not in sink:  # not again when checkpoint recomputes
