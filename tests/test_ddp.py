@@ -11,9 +11,11 @@ normaliser over ranks) did too.
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +45,9 @@ COMMON = [
 
 def run_train(overrides: list[str], probe_dir, run_dir, timeout=240) -> None:
     env = dict(os.environ, GRACE_PROBE_DIR=str(probe_dir), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "train.py", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
+    keys = {o.split("=")[0] for o in overrides}
+    common = [c for c in COMMON if c.split("=")[0] not in keys]  # an override replaces COMMON's
+    cmd = [sys.executable, "train.py", *common, *overrides, f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -65,12 +69,13 @@ def by_text(records: list[dict], k: int) -> dict[str, dict]:
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_train(
-        ["trainer=ddp_cpu", "data.prompts_per_step=2", "algo.prompts_per_minibatch=1"],
+        ["trainer=ddp_cpu", "data.prompts_per_step=2", "algo.prompts_per_minibatch=1"]
+        + ["logger=csv"],
         ddp / "probe",
         ddp / "run",
     )
     run_train(
-        ["trainer=cpu", "data.prompts_per_step=4", "algo.prompts_per_minibatch=2"],
+        ["trainer=cpu", "data.prompts_per_step=4", "algo.prompts_per_minibatch=2"] + ["logger=csv"],
         single / "probe",
         single / "run",
     )
@@ -117,3 +122,69 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
         diff += float((p - ws[name]).pow(2).sum())
         moved += float((ws[name] - init[name].detach()).pow(2).sum())
     assert moved > 0 and diff < 1e-6 * moved, (diff, moved)
+
+    # logged rollout metrics are over the gathered batch (TRL), not rank 0's groups: the DDP run
+    # logs what the single process logs
+    ddp_rows, single_rows = logged_rows(ddp / "run"), logged_rows(single / "run")
+    assert set(ddp_rows) == set(single_rows) == {2, 4}, (set(ddp_rows), set(single_rows))
+    for step, want in single_rows.items():
+        got = ddp_rows[step]
+        for name in GATHERED_METRICS:
+            assert abs(float(got[name]) - float(want[name])) < 1e-4, (
+                step,
+                name,
+                got[name],
+                want[name],
+            )
+
+
+GATHERED_METRICS = [
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "rewards/pos/mean",
+    "rewards/pos/std",
+    "rewards/hard/mean",
+    "rewards/consistency/group_std",
+    "completions/mean_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "num_tokens",
+]
+
+
+def logged_rows(run_dir) -> dict[int, dict[str, str]]:
+    """step -> the metrics.csv row that carries the rollout metrics (``reward`` logged)."""
+    path = next(Path(run_dir).rglob("metrics.csv"))
+    rows = list(csv.DictReader(path.read_text().splitlines()))
+    return {int(r["step"]): r for r in rows if r.get("reward")}
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
+def test_zero_token_dapo_minibatch_under_ddp_leaves_weights_finite(tmp_path):
+    """Issue 10: every rollout truncated + truncation=mask = no active token on any rank. DAPO's
+    global token normaliser was 0: NaN loss, NaN gradients, NaN weights after AdamW."""
+    run_train(
+        [
+            "trainer=ddp_cpu",
+            "trainer.max_steps=2",
+            "reward.truncation=mask",
+            "rollout.max_new_tokens=4",  # the tiny random model never stops: all truncated
+            "data.prompts_per_step=2",
+            "algo.prompts_per_minibatch=2",
+            "algo.loss_type=dapo",
+            "algo.scale_rewards=none",
+            "logger=csv",
+        ],
+        tmp_path / "probe",
+        tmp_path / "run",
+    )
+    for rank in (0, 1):
+        weights = torch.load(tmp_path / "probe" / f"rank{rank}_final.pt")
+        bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
+        assert not bad, f"rank {rank}: non-finite weights {bad}"
+    rows = logged_rows(tmp_path / "run")
+    assert rows, "no metrics logged"
+    for row in rows.values():  # the case really happened: nothing entered the loss
+        assert float(row["completions/clipped_ratio"]) == 1.0
+        assert float(row["grad_norm"]) == 0.0 and float(row["loss"]) == 0.0

@@ -294,3 +294,155 @@ def test_validation_reward_is_logged(tmp_path):
     )
     metrics, _ = train(cfg)
     assert "val/reward" in metrics and "val/rewards/self/mean" in metrics
+
+
+TRL_METRICS = [  # TRL GRPOTrainer's names (reward functions = our reward terms)
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/min_length",
+    "completions/max_length",
+    "completions/clipped_ratio",
+    "completions/mean_terminated_length",
+    "completions/min_terminated_length",
+    "completions/max_terminated_length",
+    "entropy",
+    "clip_ratio/low_mean",
+    "clip_ratio/low_min",
+    "clip_ratio/high_mean",
+    "clip_ratio/high_max",
+    "clip_ratio/region_mean",
+    "num_tokens",
+    "grad_norm",
+    "rewards/pos/mean",
+    "rewards/pos/std",
+]
+
+
+def test_metrics_have_trl_names_and_counters(tmp_path):
+    cfg = make_cfg([*TINY, "reward=sup", "callbacks=none", "algo.micro_batch_size=2"], tmp_path)
+    train(cfg)
+    rows = metric_rows(tmp_path)
+    header = set(rows[0])
+    for name in [*TRL_METRICS, "update_skipped", "skipped_steps", "rewards/pos/group_std"]:
+        assert name in header, name
+    assert not any(n.endswith("_group_std") for n in header), "old name rewards/<term>_group_std"
+    logged = [r for r in rows if r.get("num_tokens")]
+    assert float(logged[-1]["skipped_steps"]) == 0.0
+    tokens = [float(r["num_tokens"]) for r in logged]
+    assert tokens == sorted(tokens) and tokens[0] > 0  # cumulative, as TRL
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    path = next((run_dir / "csv").rglob("metrics.csv"))
+    return list(csv.DictReader(path.read_text().splitlines()))
+
+
+def test_nonfinite_gradient_skips_optimiser_steps_but_counts_them(tmp_path, monkeypatch):
+    """A NaN gradient: no weight or optimiser-state change, the steps still count (global_step,
+    seeds, checkpoint cadence) and are logged as update_skipped / skipped_steps."""
+    from grace_lightning.rl import update as update_mod
+
+    real = update_mod.clipped_policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, m = real(*args, **kwargs)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(update_mod, "clipped_policy_loss", poisoned)
+    cfg = make_cfg([*TINY, "reward=sup", "callbacks=none", "trainer.max_steps=2"], tmp_path)
+    _, objects = train(cfg)  # 2 prompts, 1 per mini-batch: 2 optimiser steps, both skipped
+    model, trainer = objects["model"], objects["trainer"]
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+
+    fresh, _ = load_backbone(BackboneConfig(**cfg.backbone))
+    for (n, p), q in zip(model.policy.named_parameters(), fresh.parameters()):
+        assert torch.equal(p.detach().cpu(), q), n
+    assert trainer.global_step == 2 and model.skipped_steps == 2
+    assert not trainer.optimizers[0].state, "a skipped step must not create optimiser state"
+    row = [r for r in metric_rows(tmp_path) if r.get("update_skipped")][-1]
+    assert float(row["update_skipped"]) == 2.0 and float(row["skipped_steps"]) == 2.0
+
+
+def test_bf16_mixed_on_cpu_keeps_rewards_advantages_and_weights_fp32(tmp_path, monkeypatch):
+    from grace_lightning.module import GraceModule
+    from grace_lightning.rl import update as update_mod
+
+    seen: dict[str, set] = {"terms": set(), "advantages": set(), "loss": set(), "autocast": set()}
+    real_rewards, real_update = GraceModule.compute_rewards, GraceModule.update
+    real_loss = update_mod.clipped_policy_loss
+
+    def spy_rewards(self, policy_emb, anchors):
+        terms = real_rewards(self, policy_emb, anchors)
+        seen["terms"] |= {t.dtype for t in terms.values()}
+        return terms
+
+    def spy_update(self, ro, advantages, loss_weight):
+        seen["advantages"].add(advantages.dtype)
+        seen["autocast"].add(torch.is_autocast_enabled("cpu"))  # bf16-mixed really is on
+        return real_update(self, ro, advantages, loss_weight)
+
+    def spy_loss(*args, **kwargs):
+        loss, m = real_loss(*args, **kwargs)
+        seen["loss"].add(loss.dtype)
+        return loss, m
+
+    monkeypatch.setattr(GraceModule, "compute_rewards", spy_rewards)
+    monkeypatch.setattr(GraceModule, "update", spy_update)
+    monkeypatch.setattr(update_mod, "clipped_policy_loss", spy_loss)
+    cfg = make_cfg(
+        [*TINY, "reward=sup", "callbacks=none", "trainer.precision=bf16-mixed", "algo.beta=0.1"],
+        tmp_path,
+    )
+    _, objects = train(cfg)
+    assert seen["autocast"] == {True}
+    assert seen["terms"] == seen["advantages"] == seen["loss"] == {torch.float32}, seen
+    params = list(objects["model"].policy.parameters())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
+    assert objects["trainer"].global_step == 2
+
+
+def test_remax_trains_on_grpo_rewards_with_the_greedy_rollout_as_baseline_only(
+    tmp_path, monkeypatch
+):
+    from grace_lightning.module import GraceModule
+    from grace_lightning.rl.rewards import supervised_rewards
+
+    calls, adv_calls = [], []
+    real_rewards, real_adv = GraceModule.compute_rewards, GraceModule.compute_advantages
+
+    def spy_rewards(self, policy_emb, anchors):
+        terms = real_rewards(self, policy_emb, anchors)
+        calls.append((policy_emb.clone(), dict(anchors), terms))
+        return terms
+
+    def spy_adv(self, rewards, baseline=None, token_counts=None):
+        adv_calls.append((rewards.clone(), baseline))
+        return real_adv(self, rewards, baseline, token_counts)
+
+    monkeypatch.setattr(GraceModule, "compute_rewards", spy_rewards)
+    monkeypatch.setattr(GraceModule, "compute_advantages", spy_adv)
+    cfg = make_cfg(
+        [*TINY, "reward=sup", "callbacks=none", "algo=remax", "trainer.max_steps=2"], tmp_path
+    )
+    train(cfg)
+    k = cfg.rollout.num_generations
+    (emb, anchors, terms), (emb_g, _, terms_g) = calls[:2]  # sampled; sampled + greedy
+    assert emb.shape[1] == k and emb_g.shape[1] == k + 1
+    assert torch.equal(emb_g[:, :k], emb) and torch.equal(emb_g[:, k], anchors["greedy"].float())
+    r = cfg.reward
+    kw = dict(lambda_consistency=r.lambda_consistency, lambda_hard=r.lambda_hard, tau=r.tau)
+    kw.update(negative_mode=r.get("negative_mode", "paper"), hard_mode=r.get("hard_mode", "paper"))
+    grpo = supervised_rewards(anchors["query"], emb, anchors["negatives"], **kw)
+    for name, t in grpo.items():  # the K sampled rollouts get exactly GRPO's terms
+        torch.testing.assert_close(terms[name], t, msg=name)
+    rewards, baseline = adv_calls[0]
+    torch.testing.assert_close(rewards, grpo["total"])  # truncation=off in TINY
+    with_greedy = supervised_rewards(anchors["query"], emb_g, anchors["negatives"], **kw)
+    torch.testing.assert_close(baseline, with_greedy["total"][:, k])
+    # the greedy rollout changes its group's statistics if it is put inside the group: the test
+    # could tell the two designs apart
+    assert not torch.allclose(with_greedy["consistency"][:, :k], grpo["consistency"])
