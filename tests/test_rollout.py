@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from grace_lightning.embedding import encode_prompts
 from grace_lightning.prompts import DEFAULT_SYSTEM_PROMPT, ChatPrompter
 from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rollout.budget import kv_cost, plan_batches
 from grace_lightning.rollout.engine import HFRolloutEngine, filter_logits, left_pad
 
 TEXTS = ["The cat sat on the mat.", "Quantum computers use qubits.", "Paris is in France."]
@@ -152,3 +154,74 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch(tiny_backbone):
     assert not torch.equal(alone.response_ids[0], alone.response_ids[1])  # samples differ
     greedy = engine.generate(pr.encode(TEXTS[:1]), 2, 0.0, pr.system_len, seeds=[1])
     assert torch.equal(greedy.response_ids[0], greedy.response_ids[1])
+
+
+def test_plan_batches_keeps_prompts_whole_and_splits_only_oversized_ones():
+    lengths, counts = [10, 12, 8, 9], [2, 5, 1, 1]
+    # rows only: prompt 1 (5 rows) cannot fit 3 rows -> cut into 3 + 2, its tail shares a batch
+    plan = plan_batches(lengths, counts, max_new_tokens=4, max_rows_per_batch=3)
+    assert plan == [[(0, 0, 2)], [(1, 0, 3)], [(1, 3, 2), (2, 0, 1)], [(3, 0, 1)]]
+    # every row exactly once, in request order
+    rows = [(p, first + j) for batch in plan for p, first, n in batch for j in range(n)]
+    assert rows == [(p, j) for p, c in enumerate(counts) for j in range(c)]
+    # KV: shared layout costs S + P*(L-S) + N*new, copies N*(L+new)
+    assert kv_cost([(0, 0, 2), (2, 0, 1)], lengths, 4, prefix_len=6, shared=True) == 6 + 2 * 4 + 12
+    assert kv_cost([(0, 0, 2), (2, 0, 1)], lengths, 4, prefix_len=0, shared=False) == 3 * 14
+    plan = plan_batches(lengths, counts, 4, max_kv_tokens=40, prefix_len=6)
+    assert all(kv_cost(b, lengths, 4, 6, True) <= 40 for b in plan)
+    assert plan_batches(lengths, counts, 4) == [[(p, 0, c) for p, c in enumerate(counts)]]
+
+
+@pytest.mark.parametrize("budget", ["rows", "kv", "rows_copies"])
+def test_chunked_rollouts_equal_unchunked(tiny_backbone, budget):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    prompts = pr.encode(TEXTS)
+    new = 10
+    knobs = {
+        "rows": dict(max_rows_per_batch=2),  # cuts prompt 0's three samples into 2 + 1
+        "kv": dict(max_kv_tokens=max(map(len, prompts)) + 2 * new),  # one prompt, two rows
+        "rows_copies": dict(max_rows_per_batch=4, share_prompt_kv=False),
+    }[budget]
+    args = (prompts, [3, 1, 2], [1.0, 0.5, 0.7], pr.system_len)
+    whole = HFRolloutEngine(model, tok, max_new_tokens=new).generate(*args, seeds=[4, 5, 6])
+    engine = HFRolloutEngine(model, tok, max_new_tokens=new, **knobs)
+    split = engine.generate(*args, seeds=[4, 5, 6])
+    assert len(engine.last_plan) > 1
+    if budget != "rows_copies":
+        assert len([b for b in engine.last_plan if b[0][0] == 0]) == 2  # prompt 0 was cut
+    assert torch.equal(split.response_ids, whole.response_ids)  # same rationales
+    assert torch.equal(split.response_mask, whole.response_mask)
+    assert torch.equal(split.finished, whole.finished)
+    assert torch.equal(split.row_to_prompt, whole.row_to_prompt)
+    torch.testing.assert_close(split.temperatures, whole.temperatures)
+    torch.testing.assert_close(split.logprobs, whole.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split.pooled, whole.pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_budget_that_cannot_hold_one_row_fails_with_what_to_change(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    with pytest.raises(ValueError, match=r"rollout.max_kv_tokens=100 cannot hold one row.*>= 164"):
+        HFRolloutEngine(model, tok, max_new_tokens=64, max_kv_tokens=100, max_prompt_tokens=100)
+    engine = HFRolloutEngine(model, tok, max_new_tokens=64, max_kv_tokens=80)
+    prompt = pr.encode(TEXTS[:1])
+    with pytest.raises(ValueError, match="max_kv_tokens=80.*rollout.max_new_tokens=64"):
+        engine.generate(prompt, 1, 1.0, pr.system_len, seeds=[0])
+    with pytest.raises(ValueError, match="max_rows_per_batch=-1"):
+        HFRolloutEngine(model, tok, max_rows_per_batch=-1)
+
+
+def test_progress_hook_counts_rows_up_to_the_total(tiny_backbone):
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    calls = []
+    engine = HFRolloutEngine(model, tok, max_new_tokens=12, max_rows_per_batch=3, progress_every=2)
+    engine.progress = lambda *a: calls.append(a)
+    rb = engine.generate(pr.encode(TEXTS), [3, 1, 2], 1.0, pr.system_len, seeds=[1, 2, 3])
+    done = [c[0] for c in calls]
+    assert len(calls) >= 3 and done == sorted(done) and done[-1] == 6
+    assert all(c[1] == 6 for c in calls)
+    tokens = [c[2] for c in calls]
+    assert tokens == sorted(tokens) and tokens[-1] == int(rb.response_mask.sum())
+    assert all(c[3] >= 0 for c in calls)

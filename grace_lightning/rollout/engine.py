@@ -171,6 +171,7 @@ class HFRolloutEngine:
         self.share_prefix = share_prefix
         self.progress = progress
         self.progress_every = max(1, int(progress_every))
+        self.last_plan: list[list[Piece]] = []
         # fail at startup, not after the first rollout: the longest allowed prompt must fit
         check_budget(self.max_rows_per_batch, self.max_kv_tokens, max_prompt_tokens or 0, 0)
         if max_prompt_tokens:
@@ -221,6 +222,7 @@ class HFRolloutEngine:
             prefix_len,
             segmented,
         )
+        self.last_plan = batches  # the sub-batches of the last call (diagnostics, tests)
         prefix = None
         if prefix_len:  # the system prompt + chat header, once for every prompt and sub-batch
             decoder = model.get_decoder()
