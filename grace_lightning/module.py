@@ -77,6 +77,12 @@ class GraceModule(L.LightningModule):
             top_p=rollout.get("top_p", 1.0),
             top_k=rollout.get("top_k", 0),
             ignore_eos=rollout.get("ignore_eos", False),
+            max_rows_per_batch=rollout.get("max_rows_per_batch"),
+            max_kv_tokens=rollout.get("max_kv_tokens"),
+            share_prompt_kv=rollout.get("share_prompt_kv", True),
+            share_prefix=rollout.get("share_prefix", True),
+            max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
+            progress_every=rollout.get("progress_every", 16),
         )
         self.ref_policy = None
         if algo.get("beta", 0.0) > 0 and not self.peft_cfg:
