@@ -225,3 +225,33 @@ def test_progress_hook_counts_rows_up_to_the_total(tiny_backbone):
     tokens = [c[2] for c in calls]
     assert tokens == sorted(tokens) and tokens[-1] == int(rb.response_mask.sum())
     assert all(c[3] >= 0 for c in calls)
+
+
+def test_rollout_progress_callback_shows_rows_on_the_tqdm_bar(tiny_backbone):
+    import io
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from tqdm import tqdm
+
+    from grace_lightning.callbacks.progress import RolloutProgress
+
+    model, tok = tiny_backbone
+    pr = ChatPrompter(tok)
+    bar_cb = TQDMProgressBar()
+    bar_cb.get_metrics = lambda trainer, module: {"loss": "0.1"}
+    bar_cb.train_progress_bar = tqdm(total=1, disable=False, file=io.StringIO())
+    trainer = SimpleNamespace(is_global_zero=True, progress_bar_callback=bar_cb)
+    module = SimpleNamespace(engine=HFRolloutEngine(model, tok, max_new_tokens=8, progress_every=1))
+    cb = RolloutProgress()
+    cb.on_train_start(trainer, module)
+    seen = []
+    show = cb.show
+    cb.show = lambda *a: (seen.append(a[2:]), show(*a))
+    module.engine.generate(pr.encode(TEXTS), [3, 1, 2], 1.0, pr.system_len, seeds=[1, 2, 3])
+    done = [s[0] for s in seen]
+    assert done == sorted(done) and done[-1] == 6 and all(s[1] == 6 for s in seen)
+    postfix = bar_cb.train_progress_bar.postfix
+    assert "loss=0.1" in postfix and "rollout=6/6 rows" in postfix and "tok/s" in postfix
+    cb.on_train_end(trainer, module)
+    assert module.engine.progress is None
