@@ -917,7 +917,6 @@ FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps 
 def fit_coeffs(results: list[dict], lays: dict[str, LayerSaved], prior: Coeffs | None = None):
     """Least squares (GiB residuals) of the rollout and update phases over ``results``."""
     import numpy as np
-    from scipy.optimize import least_squares
 
     prior = prior or Coeffs()
     names = [n for n, *_ in FIT_PARAMS]
@@ -940,11 +939,35 @@ def fit_coeffs(results: list[dict], lays: dict[str, LayerSaved], prior: Coeffs |
             for phase in ("rollout", "update"):
                 if phase in r["peaks"]:
                     res.append((pred[phase] - r["peaks"][phase]) / GIB)
-        res.extend(0.02 * (x - x0))  # weak prior
+        res.extend(0.002 * (x - x0))  # weak prior (2 MB of residual per prior unit)
         return np.array(res)
 
-    sol = least_squares(residuals, x0, bounds=(lo, hi))
-    return coeffs(sol.x)
+    return coeffs(bounded_least_squares(residuals, x0, lo, hi))
+
+
+def bounded_least_squares(residuals, x0, lo, hi, iterations: int = 50):
+    """min ||residuals(x)||^2 for lo <= x <= hi: Gauss-Newton with a numeric Jacobian, steps
+    projected onto the bounds (the model is piecewise linear in x, so a few steps converge)."""
+    import numpy as np
+
+    x = np.clip(np.asarray(x0, dtype=float), lo, hi)
+    for _ in range(iterations):
+        r = residuals(x)
+        eps = 1e-4
+        jac = np.stack([(residuals(x + eps * e) - r) / eps for e in np.eye(len(x))], axis=1)
+        free = ~(((x <= lo) & (jac.T @ r > 0)) | ((x >= hi) & (jac.T @ r < 0)))  # active set
+        step = np.zeros_like(x)
+        step[free] = np.linalg.lstsq(jac[:, free], -r, rcond=None)[0]
+        new = np.clip(x + step, lo, hi)
+        for _ in range(20):  # halve the step until the cost does not grow
+            if np.sum(residuals(new) ** 2) <= np.sum(r**2) + 1e-12:
+                break
+            step /= 2
+            new = np.clip(x + step, lo, hi)
+        if np.allclose(new, x, rtol=0, atol=1e-9):
+            return new
+        x = new
+    return x
 
 
 def fit_report(results: list[dict], c: Coeffs, lays: dict[str, LayerSaved]) -> list[dict]:
