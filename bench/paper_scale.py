@@ -623,10 +623,11 @@ class Coeffs:
 
     kappa_full: float = 1.0  # measured / saved bytes of the layer activations, full FT
     kappa_lora: float = 1.0  # same, LoRA
+    grad_extra: float = 2.0  # bytes per trainable layer param beyond its fp32 grad (bf16 grads)
     lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry)
     sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
     prefill: float = 1.0  # scale on the analytic no-grad prefill transient per prompt token
-    cache_rollout: float = 1.0  # 1: autocast caches the bf16 weights during the rollout too
+    cache_rollout: float = 0.0  # 1: autocast caches the bf16 weights in the (no-grad) rollout
     update_const: float = 0.0  # bytes (framework overhead seen in the update phase)
     rollout_const: float = 0.0
 
@@ -704,13 +705,15 @@ def rollout_parts(
     kv *= 1 + 1 / layers  # DynamicCache grows by torch.cat: one layer is copied at a time
     decode = kv + c.sample * rows * s.vocab
     prefill = prompts * prompt_len * (kv_tok + c.prefill * prefill_per_token(s))
+    cache = weight_cache(s, layers, st, lay)
     parts = {
         "kv+sampling" if decode >= prefill else "prefill": max(decode, prefill),
-        "weight_cache": c.cache_rollout * weight_cache(s, layers, st, lay),
+        # either autocast's cache of every bf16 weight, or (not cached: LoRA's frozen weights,
+        # FSDP's views, or no caching under no_grad) the LM head's bf16 cast at each decode step
+        "weights_bf16": c.cache_rollout * cache
+        + (1 - c.cache_rollout if cache else 1) * 2 * s.embed_params(),
         "const": c.rollout_const,
     }
-    if st.lora or st.devices > 1:  # uncached: the LM head's bf16 cast exists per decode step
-        parts["lm_head_cast"] = 2 * s.embed_params()
     return parts
 
 
@@ -748,6 +751,8 @@ def update_parts(
         "activations": act,
         "lm_head": c.lm * chunk * s.vocab + 8 * s.hidden * resp,  # chunk logits + hidden states
         "grads": 4 * t / st.devices,
+        # bf16 gradients of the bf16 weight casts, alive until converted into the fp32 grads
+        "grad_extra": c.grad_extra * (t - (0 if st.lora else s.embed_params())) / st.devices,
         "weight_cache": weight_cache(s, layers, st, lay),
         "const": c.update_const,
     }
@@ -908,7 +913,8 @@ FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps 
     ("lm", 20.0, 0.0, 200.0),
     ("sample", 30.0, 0.0, 400.0),
     ("prefill", 1.0, 0.0, 10.0),
-    ("cache_rollout", 1.0, 0.0, 1.0),
+    ("grad_extra", 2.0, 0.0, 12.0),
+    ("cache_rollout", 0.0, 0.0, 1.0),
     ("update_const", 0.0, -0.5 * GIB, 1.0 * GIB),
     ("rollout_const", 0.0, -0.5 * GIB, 1.0 * GIB),
 ]

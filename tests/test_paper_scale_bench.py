@@ -61,10 +61,11 @@ def test_fit_recovers_known_coefficients_and_predicts_held_out_points():
     truth = ps.Coeffs(
         kappa_full=1.3,
         kappa_lora=0.8,
+        grad_extra=4.5,
         lm=14.0,
         sample=45.0,
         prefill=0.7,
-        cache_rollout=1.0,
+        cache_rollout=0.0,
         update_const=0.05 * ps.GIB,
         rollout_const=0.02 * ps.GIB,
     )
@@ -76,7 +77,7 @@ def test_fit_recovers_known_coefficients_and_predicts_held_out_points():
     lays.update({p.shape: LAY for p in held})
     got = ps.fit_coeffs(results, lays, ps.Coeffs())
     # exact data: every fitted quantity is recovered within 2% (the weak prior pulls a little)
-    for name in ("kappa_full", "kappa_lora", "lm", "sample"):
+    for name in ("kappa_full", "kappa_lora", "grad_extra", "lm", "sample"):
         assert getattr(got, name) == pytest.approx(getattr(truth, name), rel=0.02), name
     for row in ps.fit_report(held_results, got, lays):
         for phase in ("rollout", "update"):
