@@ -53,10 +53,18 @@ def slurm_environment(
     return SLURMEnvironment(auto_requeue=bool(auto_requeue), requeue_signal=sig)
 
 
+def cluster_environment(trainer):
+    """The cluster environment Lightning's signal handling looks at (also for single-device
+    strategies, which have no ``strategy.cluster_environment``)."""
+    connector = getattr(trainer, "_accelerator_connector", None)
+    env = getattr(connector, "cluster_environment", None)
+    return env if env is not None else getattr(trainer.strategy, "cluster_environment", None)
+
+
 def hand_requeue_signal_to_lightning(trainer) -> bool:
     """Remove a foreign handler (submitit's) of the requeue signal so Lightning installs its own
     save-and-requeue handler in ``trainer.fit``. Returns True when one was removed."""
-    env = getattr(trainer.strategy, "cluster_environment", None)
+    env = cluster_environment(trainer)
     if not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
         return False
     sig = env.requeue_signal or signal.SIGUSR1
