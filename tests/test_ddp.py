@@ -126,7 +126,7 @@ def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     # logged rollout metrics are over the gathered batch (TRL), not rank 0's groups: the DDP run
     # logs what the single process logs
     ddp_rows, single_rows = logged_rows(ddp / "run"), logged_rows(single / "run")
-    assert set(ddp_rows) == set(single_rows) == {2, 4}, (set(ddp_rows), set(single_rows))
+    assert set(ddp_rows) == set(single_rows) and len(single_rows) == 2  # 2 rollout batches
     for step, want in single_rows.items():
         got = ddp_rows[step]
         for name in GATHERED_METRICS:

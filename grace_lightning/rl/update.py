@@ -34,6 +34,7 @@ from torch import Tensor
 
 from grace_lightning.rl.losses import clipped_policy_loss, kl_k3
 from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rl.precision import autocast_off
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -353,7 +354,7 @@ class PolicyUpdater:
         num_prompts = len(ro.prompt_ids)
         costs = row_costs(ro.prompt_mask, ro.row_to_prompt, ro.response_mask)  # (N,)
         all_groups = self.groups_of(ro, range(num_prompts))
-        with torch.autocast(ro.response_ids.device.type, enabled=False):
+        with autocast_off():
             mask_all = ro.response_mask.float() * loss_weight.float()[:, None]  # (N, R)
             advantages = advantages.float()
 
@@ -403,7 +404,7 @@ class PolicyUpdater:
         """Accumulate one mini-batch's gradient over its micro-batches, then step or skip."""
         c, h = self.cfg, self.hooks
         rows = torch.cat(groups)
-        with torch.autocast(mask_all.device.type, enabled=False):
+        with autocast_off():
             tokens = mask_all[rows].sum()
             total = h.sum_over_ranks(tokens.clone()) if h.world_size > 1 else tokens
             # DAPO (TRL): global active tokens / world size, as DDP averages the gradients.
@@ -451,7 +452,7 @@ class PolicyUpdater:
             self.policy, ro, rows, share_prompt=c.share_prompt, with_entropy=True
         )  # (n, r)
         r = logp.size(1)
-        with torch.autocast(logp.device.type, enabled=False):
+        with autocast_off():  # the forward above ran under the trainer's autocast; not the loss
             logp = logp.float()
             mask = mask_all[rows, :r]  # (n, r)
             adv = advantages[rows] if advantages.dim() == 1 else advantages[rows, :r]

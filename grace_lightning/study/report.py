@@ -283,8 +283,11 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         records,
         [
             ("reward", "reward (mean over rollouts)"),
-            (("rewards/pos", "rewards/self"), "cos(q, d+) (sup) | cos(anchor, x) (unsup)"),
-            ("rewards/neg", "-cos(q, d-) (sup)"),
+            (
+                ("rewards/pos/mean", "rewards/self/mean", "rewards/pos", "rewards/self"),
+                "cos(q, d+) (sup) | cos(anchor, x) (unsup)",
+            ),  # TRL's rewards/<term>/mean; rewards/<term> in runs logged before the rename
+            (("rewards/neg/mean", "rewards/neg"), "-cos(q, d-) (sup)"),
         ],
         report_dir / "reward_curves.png",
         "GRACE reward (terms / tau) and its cosine terms per rollout batch (faint: raw, solid: moving average of 4)",
