@@ -150,7 +150,7 @@ CLI = [
     "reward.truncation=off",
     "trainer.max_steps=6",  # 3 rollout batches: table steps 2, 4, 6
     "trainer.enable_progress_bar=false",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "callbacks.model_checkpoint.every_n_rollout_batches=1",
 ]
 
 

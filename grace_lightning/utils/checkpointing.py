@@ -36,9 +36,10 @@ class RolloutCheckpoint(ModelCheckpoint):
             check; None = off.
         save_on_train_end: save the final state when training ends (if not saved at that step).
         **kwargs: ``ModelCheckpoint`` arguments (``dirpath``, ``filename``, ``save_last``,
-            ``save_top_k``, ``every_n_epochs``, ...). ``every_n_train_steps`` and
-            ``train_time_interval`` are refused: they count optimiser steps / use a timedelta;
-            use the two arguments above.
+            ``save_top_k``, ``every_n_epochs``, ...). ``every_n_train_steps`` keeps Lightning's
+            meaning (optimiser steps, checked once per rollout batch) for old configs; prefer
+            ``every_n_rollout_batches``. ``train_time_interval`` is refused (a timedelta cannot
+            come from YAML): use ``every_n_minutes``.
     """
 
     def __init__(
@@ -48,13 +49,8 @@ class RolloutCheckpoint(ModelCheckpoint):
         save_on_train_end: bool = True,
         **kwargs: Any,
     ) -> None:
-        for bad in ("every_n_train_steps", "train_time_interval"):
-            if kwargs.get(bad):
-                raise ValueError(
-                    f"callbacks.model_checkpoint.{bad}: counts optimiser steps / takes a "
-                    f"timedelta; use every_n_rollout_batches or every_n_minutes"
-                )
-            kwargs.pop(bad, None)
+        if kwargs.pop("train_time_interval", None):
+            raise ValueError("callbacks.model_checkpoint.train_time_interval: use every_n_minutes")
         if every_n_rollout_batches is not None and int(every_n_rollout_batches) < 0:
             raise ValueError(
                 f"callbacks.model_checkpoint.every_n_rollout_batches={every_n_rollout_batches}: "
@@ -66,7 +62,8 @@ class RolloutCheckpoint(ModelCheckpoint):
                 f"(null = off)"
             )
         kwargs.setdefault("every_n_epochs", 0)
-        super().__init__(every_n_train_steps=0, **kwargs)
+        kwargs["every_n_train_steps"] = kwargs.get("every_n_train_steps") or 0
+        super().__init__(**kwargs)
         self.every_n_rollout_batches = int(every_n_rollout_batches or 0)
         self.every_n_minutes = None if every_n_minutes is None else float(every_n_minutes)
         self.save_on_train_end = bool(save_on_train_end)
@@ -87,6 +84,9 @@ class RolloutCheckpoint(ModelCheckpoint):
 
     def _save_now(self, trainer: L.Trainer) -> None:
         candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True  # Lightning saves after validation
+            return
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
         self._last_save_time = time.monotonic()
@@ -97,6 +97,8 @@ class RolloutCheckpoint(ModelCheckpoint):
         self.rollout_batches += 1
         if self._due(trainer) and not self._should_skip_saving_checkpoint(trainer):
             self._save_now(trainer)
+        # Lightning's optimiser-step cadence (every_n_train_steps), when an old config sets it
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_on_train_end and not self._should_skip_saving_checkpoint(trainer):
