@@ -671,3 +671,13 @@ def test_cached_rationale_roundtrip(tmp_path):
     (tmp_path / "bad.sqlite").write_bytes(b"not a database at all" * 100)
     with pytest.raises(RuntimeError, match="not a readable SQLite"):
         RationaleCache(tmp_path / "bad.sqlite")
+
+
+def test_prompt_config_maps_to_system_prompts():
+    from grace_lightning.eval.run import _prompt_kwargs
+
+    assert _prompt_kwargs({"query": None, "document": None, "by_task": {}}) == {}
+    got = _prompt_kwargs(
+        {"system_prompt": "S", "query": "Q", "document": None, "by_task": {"STS": "T"}}
+    )
+    assert got == {"system_prompt": "S", "prompts": {"query": "Q", "STS": "T"}}

@@ -117,3 +117,22 @@ def test_mteb_runs_local_tasks_through_the_loader_with_query_and_document_prompt
         show_progress_bar=False,
     )
     assert {e["system_prompt"] for e in model.prompt_log} == {SYSTEM}
+
+
+@needs_data
+def test_mteb_scores_match_through_sentence_transformers(run_dir):
+    """mteb's own SentenceTransformer wrapper on the export == the GRACE loader."""
+    import mteb
+    from sentence_transformers import SentenceTransformer
+
+    (task,) = local_tasks(["LocalSTS12"], max_samples=8)
+    st = SentenceTransformer(
+        str(run_dir / "export"),
+        trust_remote_code=True,
+        device="cpu",
+        model_kwargs={"mode": "base"},
+    )
+    kw = dict(cache=None, co2_tracker=False, show_progress_bar=False)
+    via_st = mteb.evaluate(st, task, **kw).task_results[0].get_score()
+    via_meta = mteb.evaluate(grace_model_meta(run_dir, mode="base"), task, **kw)
+    assert via_st == pytest.approx(via_meta.task_results[0].get_score(), abs=1e-6)

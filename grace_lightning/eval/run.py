@@ -206,6 +206,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "fingerprint": encoder.fingerprint,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "system_prompt": encoder.system_prompt,
+        "prompts": encoder.prompts or None,  # per-task / query / document system prompts
         "tasks": rows,
         **summarize(rows),
         "encoder_stats": dict(encoder.stats),
