@@ -499,16 +499,33 @@ def point_key(p: Point) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def missing_knobs() -> set[str]:
+    """OPTIONAL_KNOBS keys the default training config does not have (yet)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose("train", overrides=["reward=sup"])
+    return {key for key in OPTIONAL_KNOBS.values() if not config_has(cfg, key)}
+
+
 def measure(points: list[Point], cache_file: Path | None, log=print) -> list[dict]:
-    """Run each point in its own subprocess (results cached in ``cache_file`` by point)."""
+    """Run each point in its own subprocess (results cached in ``cache_file`` by point).
+    A point that sets a knob the config does not have is skipped (it would repeat another)."""
     cached: dict[str, dict] = {}
     if cache_file and cache_file.exists():
         for line in cache_file.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 cached[point_key(Point(**r["point"]))] = r
-    out = []
+    out, missing = [], missing_knobs()
     for p in points:
+        absent = [
+            k for f, k in OPTIONAL_KNOBS.items() if getattr(p, f) is not None and k in missing
+        ]
+        if absent:
+            log(f"  {p.label}: skipped ({', '.join(absent)} not in the config yet)")
+            continue
         key = point_key(p)
         if key in cached:
             r = dict(cached[key], point=asdict(p))
@@ -607,7 +624,7 @@ class Setting:
     devices: int = 1  # FSDP over this many GPUs (1: one GPU, no sharding)
     lora_r: int = 16
     share_prompt: bool = True  # algo.share_prompt (prompt once per group in the loss pass)
-    shared_prompt_kv: bool = False  # rollout rows of a group share their prompt's KV
+    shared_prompt_kv: bool = True  # rollout.share_prompt_kv: a prompt's rows read one KV copy
     foreach_adam: bool = True  # torch's CUDA default: sqrt(v) of every tensor at once in step
     label: str = ""
 
@@ -698,11 +715,10 @@ def rollout_parts(
 ) -> dict[str, float]:
     """Dynamic rollout memory for ``rows`` rows of ``prompts`` distinct prompts in flight."""
     kv_tok = s.kv_bytes_per_token(layers)
-    if st.shared_prompt_kv:
-        kv = kv_tok * (prompts * prompt_len + rows * response_len)
-    else:
-        kv = kv_tok * rows * (prompt_len + response_len)
-    kv *= 1 + 1 / layers  # DynamicCache grows by torch.cat: one layer is copied at a time
+    kv = kv_tok * kv_slots(rows, prompts, prompt_len, response_len, st)
+    # one layer's dense (rows, heads, prompt + response, d) keys and values at a time:
+    # SegmentedCache assembles them per layer (index_select + cat); DynamicCache's cat copies
+    kv += 2 * kv_tok / layers * rows * (prompt_len + response_len)
     decode = kv + c.sample * rows * s.vocab
     prefill = prompts * prompt_len * (kv_tok + c.prefill * prefill_per_token(s))
     cache = weight_cache(s, layers, st, lay)
@@ -715,6 +731,14 @@ def rollout_parts(
         "const": c.rollout_const,
     }
     return parts
+
+
+def kv_slots(rows: int, prompts: int, prompt_len: int, response_len: int, st: Setting) -> int:
+    """Cached token positions per layer of a rollout sub-batch at its largest (rollout/budget.py,
+    the shared system prefix counted once per prompt: a slight over-count)."""
+    if st.shared_prompt_kv:
+        return prompts * prompt_len + rows * response_len
+    return rows * (prompt_len + response_len)
 
 
 def micro_tokens(rows: int, k: int, prompt_len: int, response_len: int, st: Setting):
@@ -777,6 +801,13 @@ def step_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
     return parts
 
 
+def subbatch_prompts(rows: int, policy_prompts: int, k: int, anchor_prompts: int) -> int:
+    """Distinct prompts in the worst sub-batch of ``rows`` rows (most prompts per row): as many
+    one-row anchor prompts as fit, the rest whole policy groups of ``k`` rows."""
+    anchors = min(rows, anchor_prompts)
+    return anchors + min(policy_prompts, math.ceil((rows - anchors) / k))
+
+
 def predict_peak(
     s: Shape,
     st: Setting,
@@ -791,18 +822,18 @@ def predict_peak(
     n = layers or s.layers
     g = recipe.prompts // st.devices  # policy prompts per GPU
     all_rows = g * (recipe.k + recipe.anchors)
-    distinct = g * (1 + recipe.anchors)
     r = min(rollout_rows or all_rows, all_rows)
     mb_rows = recipe.minibatch // st.devices * recipe.k
     m = min(micro_rows or mb_rows, mb_rows)
     static = static_parts(s, n, st)
     base = sum(static.values())
+    prompts = subbatch_prompts(r, g, recipe.k, g * recipe.anchors)
     ro = rollout_parts(
         s,
         n,
         st,
         r,
-        max(1, math.ceil(distinct * r / all_rows)),
+        prompts,
         recipe.prompt_len,
         recipe.response_len,
         c,
@@ -838,6 +869,7 @@ def predict_peak(
         "step": sp,
         "micro_rows": m,
         "rollout_rows": r,
+        "kv_slots": kv_slots(r, prompts, recipe.prompt_len, recipe.response_len, st),
     }
 
 
@@ -869,7 +901,7 @@ def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[s
     above the RSS at the phase's start: no gradients or AdamW state exist before the first step,
     and the rollout creates autocast's weight cache, which the update then finds."""
     s, st, n = point_shape(p), Setting(lora=p.lora, gc=p.gc), p.layers
-    all_rows, distinct = p.groups * (p.k + 2), p.groups * 3
+    all_rows = p.groups * (p.k + 2)
     roll = None if OPTIONAL_KNOBS["roll_rows"] in skipped else p.roll_rows
     r = min(roll or all_rows, all_rows)
     ro = rollout_parts(
@@ -877,7 +909,7 @@ def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[s
         n,
         st,
         r,
-        max(1, math.ceil(distinct * r / all_rows)),
+        subbatch_prompts(r, p.groups, p.k, 2 * p.groups),
         p.prompt_len,
         p.response_len,
         c,
@@ -1062,7 +1094,7 @@ def print_paper_table(rows: list[dict], recipe: Recipe, cap: float) -> None:
         roll = f"{r['rollout']}/{r['all_rows']}"
         print(
             f"{r['backbone']:13s} {r['setting']:24s} {gib(a['peak']):>10s} {a['phase']:>10s} "
-            f"{micro:>10s} {r['micro'] * seq:>9d} {roll:>12s} {r['rollout'] * seq:>9d} "
+            f"{micro:>10s} {r['micro'] * seq:>9d} {roll:>12s} {b['kv_slots']:>9d} "
             f"{gib(b['peak']):>6s} {b['phase']:>10s} {'yes' if r['fits'] else 'NO'}"
         )
     print(
