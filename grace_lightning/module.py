@@ -9,6 +9,11 @@ prompt and gets K rollouts at ``rollout.temperature``; the query and its negativ
 one rollout each at ``rollout.anchor_temperature``, no gradient. Unsupervised: the sentence is the
 policy prompt, and one more rollout of the same sentence at the anchor temperature is its
 self-anchor. Embeddings come from the rollout loop itself (see ``rollout/engine.py``).
+
+The update (mini-batches, micro-batches, loss normalisers, skipped steps) lives in
+``rl/update.py``; this module gives it Lightning's backward, DDP/FSDP collectives and clipping
+(``update_hooks``). Rewards and advantages run with autocast off (fp32 under bf16-mixed), and
+logged metrics use TRL's names over the gathered batch of every rank.
 """
 
 from __future__ import annotations
