@@ -10,6 +10,7 @@ import torch
 from grace_lightning.contrastive import info_nce
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rl.joint import (
+    JointTargets,
     joint_infonce_loss,
     pool_loss_pass,
     rollout_infonce,
@@ -90,6 +91,24 @@ def test_gradient_reaches_rollouts_only_and_decomposes_over_micro_batches():
         loss = rollout_infonce(rows[part], group[part], q, negs, tau=0.1).sum() / (B * K)
         loss.backward()
     torch.testing.assert_close(emb.grad, full, rtol=1e-5, atol=1e-7)
+
+
+def test_joint_targets_micro_losses_add_up_to_weighted_mean():
+    torch.manual_seed(4)
+    B, K, M, D = 3, 2, 1, 4
+    emb = torch.randn(B, K, D)
+    q, negs = torch.randn(B, D), torch.randn(B, M, D)
+    t = JointTargets(q, negs, torch.arange(B).repeat_interleave(K), weight=0.5, tau=0.1)
+    rows = emb.reshape(B * K, D)
+    parts = [t.micro_loss(rows[p], p, B * K) for p in torch.arange(B * K).split(4)]
+    total = sum(loss for loss, _ in parts)
+    assert total.item() == pytest.approx(0.5 * joint_infonce_loss(emb, q, negs, tau=0.1).item())
+    infonce = sum(s["joint/infonce"] for _, s in parts) / (B * K)
+    assert infonce == pytest.approx(joint_infonce_loss(emb, q, negs, tau=0.1).item(), rel=1e-5)
+    # accuracy by hand: rows at their own query -> hits; a row at another query -> miss
+    t = JointTargets(Q, None, torch.tensor([0, 1, 0]), weight=1.0, tau=1.0)
+    _, s = t.micro_loss(torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.0, 1.0]]), torch.arange(3), 3)
+    assert s["joint/acc"] == 2.0
 
 
 def test_fp32_under_bf16_autocast():

@@ -59,6 +59,7 @@ from grace_lightning.rl.precision import f32, full_precision
 from grace_lightning.rollout.engine import cache_kwarg, pooling_mask, positions_from_mask
 
 __all__ = [
+    "JointTargets",
     "LossPassHidden",
     "joint_infonce_loss",
     "loss_pass_hidden",
@@ -295,3 +296,48 @@ def joint_infonce_loss(
         policy_emb.reshape(B * K, -1), group, query_emb, negatives, tau=tau, in_batch=in_batch
     )
     return rows.mean()
+
+
+# ----------------------------------------------------------------------------- update glue
+
+
+@dataclass
+class JointTargets:
+    """What the update needs for the joint loss of one rollout batch (all stop-gradient).
+
+    query: (G, D) anchors of the GLOBAL batch (gathered over ranks; supervised: the queries,
+    unsupervised: the self-anchors); negatives: (G, M, D) zero-padded or None; row_group: (N,)
+    index into ``query`` of each LOCAL policy row (``ro.row_to_prompt + rank * B``); weight:
+    alpha (``algo.contrastive_weight``); tau (``algo.contrastive_tau``); in_batch
+    (``algo.contrastive_in_batch``).
+    """
+
+    query: Tensor
+    negatives: Tensor | None
+    row_group: Tensor
+    weight: float
+    tau: float
+    in_batch: bool = True
+
+    def micro_loss(self, pooled: Tensor, rows: Tensor, num_rows: int) -> tuple[Tensor, dict]:
+        """This micro-batch's share of ``weight * mean over the mini-batch's rows`` of the
+        per-row InfoNCE. pooled: (n, D) from `rows_logprobs_and_embedding`; rows: (n,) local
+        row indices; num_rows: rows of the whole mini-batch on this rank (the normaliser fixed
+        before the micro loop, as the policy loss's). Returns (loss, sums) with sums
+        ``joint/infonce`` (sum of per-row losses) and ``joint/acc`` (rows whose own query is
+        the top candidate): divide both by the mini-batch's rows to log them.
+        """
+        group = self.row_group[rows]  # (n,)
+        per_row = rollout_infonce(
+            pooled, group, self.query, self.negatives, tau=self.tau, in_batch=self.in_batch
+        )  # (n,)
+        loss = self.weight * per_row.sum() / max(1, int(num_rows))
+        with torch.no_grad():
+            # top-1 over the queries only (a negative beating the query also counts as a miss
+            # through the loss, not here): does the rollout land nearest its own query?
+            sims = (
+                F.normalize(pooled.detach().float(), dim=-1)
+                @ F.normalize(self.query.float(), dim=-1).T
+            )  # (n, G)
+            acc = (sims.argmax(-1) == group).float().sum()
+        return loss, {"joint/infonce": float(per_row.detach().sum()), "joint/acc": float(acc)}
