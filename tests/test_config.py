@@ -1,0 +1,178 @@
+"""Every config option on its own, typed config errors, and ``logger=none`` training.
+
+Each option of each config group (the README lists them) must compose and validate on its own;
+the CPU trainers, loggers and callback sets must also build. A wrong-typed value fails in
+``config.validate`` -- before any model or data loads -- with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import hydra
+import pytest
+
+from grace_lightning.config import ConfigError, validate
+
+from .conftest import ROOT
+from .test_train import make_cfg
+
+CONF = ROOT / "conf"
+# groups in conf/train.yaml's defaults list ("group=option"); others are added ("+group=option")
+IN_DEFAULTS = {
+    "backbone",
+    "reward",
+    "data",
+    "rollout",
+    "algo",
+    "optim",
+    "peft",
+    "method",
+    "trainer",
+    "logger",
+    "callbacks",
+    "eval",
+    "experiment",
+    "hparams_search",
+    "debug",
+}
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "paths", "local")
+)
+OPTIONS = [(g, y.stem) for g in GROUPS for y in sorted((CONF / g).glob("*.yaml"))]
+
+
+def override(group: str, option: str) -> str:
+    return f"{group}={option}" if group in IN_DEFAULTS else f"+{group}={option}"
+
+
+def test_every_group_of_the_readme_has_options():
+    assert IN_DEFAULTS - {"hparams_search", "debug"} <= set(GROUPS)
+    assert len(OPTIONS) >= 40
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=lambda x: str(x))
+def test_every_option_composes_and_validates_on_its_own(group, option, tmp_path):
+    cfg = make_cfg([override(group, option)], tmp_path)
+    validate(cfg)
+    if group == "trainer":
+        t = cfg.trainer
+        if t.accelerator == "cpu":  # CPU trainers are built for real (no process is launched)
+            from grace_lightning.train import build_trainer
+
+            built = build_trainer(cfg, [], [])
+            assert built.num_devices == t.devices
+        else:  # GPU-only: the strategy object at least
+            assert t.accelerator == "gpu"
+            if "strategy" in t and not isinstance(t.strategy, str):
+                hydra.utils.instantiate(t.strategy)
+    if group == "logger":
+        from grace_lightning.train import instantiate_group
+
+        loggers = instantiate_group(cfg.get("logger"))
+        assert len(loggers) == {"none": 0, "csv": 1, "wandb": 1, "many": 2}[option]
+    if group == "callbacks":
+        from grace_lightning.train import instantiate_group
+
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        assert (len(callbacks) > 0) == (option == "default")
+
+
+@pytest.mark.parametrize(
+    "override_, message",
+    [
+        ("optim.lr=abc", "optim.lr: expected a number, got 'abc'"),
+        ("optim.lr=true", "optim.lr: expected a number, got True"),
+        ("rollout.max_new_tokens=ten", "rollout.max_new_tokens: expected an integer, got 'ten'"),
+        ("algo.prompts_per_minibatch=1.5", "algo.prompts_per_minibatch: expected an integer"),
+        ("optim.grad_clip=off", "optim.grad_clip: expected a number (or null), got 'off'"),
+        ("trainer.max_steps=abc", "trainer.max_steps: expected an integer, got 'abc'"),
+        ("reward.tau=[0.1]", "reward.tau: expected a number, got"),
+        ("optim.betas=[0.9]", "optim.betas: expected two numbers like [0.9, 0.999], got [0.9]"),
+        ("algo.share_prompt=maybe", "algo.share_prompt: expected true or false, got 'maybe'"),
+        (
+            "callbacks.model_checkpoint.every_n_rollout_batches=x",
+            "callbacks.model_checkpoint.every_n_rollout_batches: expected an integer",
+        ),
+    ],
+)
+def test_wrong_types_name_the_key(override_, message, tmp_path):
+    cfg = make_cfg([override_], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_optim_lr_abc_fails_before_any_model_or_data_loads(tmp_path, monkeypatch):
+    import grace_lightning.train as train_mod
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("loaded something before validating the config")
+
+    monkeypatch.setattr(train_mod, "load_tokenizer", tripwire)
+    monkeypatch.setattr(hydra.utils, "instantiate", tripwire)
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'abc'"):
+        train_mod.train(make_cfg(["backbone=tiny", "optim.lr=abc"], tmp_path))
+
+
+def test_cli_optim_lr_abc_says_what_to_change(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "train.py", "optim.lr=abc", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "optim.lr: expected a number, got 'abc'" in proc.stderr
+    assert "TypeError" not in proc.stderr
+
+
+def test_logger_none_trains_without_the_lr_monitor(tmp_path):
+    """`python train.py backbone=tiny logger=none trainer.max_steps=1` (Lightning refuses a
+    LearningRateMonitor without a logger: train.py drops it)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from grace_lightning.train import train
+
+    cfg = make_cfg(
+        [
+            "backbone=tiny",
+            "logger=none",
+            "trainer.max_steps=1",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
+    assert "learning_rate_monitor" in cfg.callbacks
+    _, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert trainer.global_step >= 1 and not trainer.loggers  # one rollout batch
+    assert not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
+    assert (tmp_path / "export" / "config.json").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()  # saved when training ended
+
+
+@pytest.mark.parametrize(
+    "env_mode, configured, offline",
+    [(None, None, True), ("online", None, False), ("offline", None, True), ("online", True, True)],
+)
+def test_wandb_mode_from_the_environment_wins_over_the_default(
+    env_mode, configured, offline, monkeypatch, tmp_path
+):
+    from grace_lightning.train import instantiate_group
+
+    if env_mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", env_mode)
+    overrides = ["logger=wandb"]
+    if configured is not None:
+        overrides.append(f"logger.wandb.offline={str(configured).lower()}")
+    cfg = make_cfg(overrides, tmp_path)
+    assert cfg.logger.wandb.offline == configured
+    (logger,) = instantiate_group(cfg.logger)
+    assert logger._offline is offline
+    assert os.environ.get("WANDB_MODE") == env_mode  # nothing set yet (no run started)
