@@ -149,6 +149,7 @@ def _half_written(tmp_path: Path) -> Path:
     "make, message",
     [
         (lambda t: t / "missing", "missing: no such run dir"),
+        (lambda t: Path("some-org/grace-model"), "grace-model: no such .* looks like a Hub id"),
         (lambda t: t.joinpath("empty").mkdir() or t / "empty", "empty: neither an export"),
         (
             lambda t: _half_written(t),
@@ -172,7 +173,15 @@ def _half_written(tmp_path: Path) -> Path:
             "notes.txt: not a .ckpt",
         ),
     ],
-    ids=["missing", "empty-dir", "half-written-export", "other-class", "cut-ckpt", "not-ckpt"],
+    ids=[
+        "missing",
+        "hub-id",
+        "empty-dir",
+        "half-written-export",
+        "other-class",
+        "cut-ckpt",
+        "not-ckpt",
+    ],
 )
 def test_bad_input_is_one_clear_line(make, message, tmp_path, capsys):
     path = make(tmp_path)

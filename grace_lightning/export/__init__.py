@@ -301,7 +301,14 @@ def export_run(
 
     path = Path(path)
     if not path.exists():
-        raise ExportError(f"{path}: no such run dir, export dir or checkpoint")
+        hub = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+        hint = (
+            " It looks like a Hub id: Hub models need no export; load them with "
+            "GraceEncoder.from_pretrained or SentenceTransformer(..., trust_remote_code=True)."
+            if hub
+            else " Give a train.py run dir, its export/, or a checkpoints/*.ckpt."
+        )
+        raise ExportError(f"{path}: no such run dir, export dir or checkpoint.{hint}")
     if path.is_file():
         if path.suffix != ".ckpt":
             raise ExportError(f"{path}: not a .ckpt file; give a run dir or a checkpoint")
