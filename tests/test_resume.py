@@ -246,3 +246,40 @@ def test_kill_9_mid_step_then_ckpt_path_last_continues_as_if_never_killed(tmp_pa
     assert (run_dir / "wandb_id.txt").read_text() == before["wandb_id"]
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline_runs)
+
+
+# ----------------------------------------------------------------------------- cadence
+
+
+def test_checkpoints_every_n_rollout_batches_and_at_the_end(tmp_path):
+    """2 optimiser steps per rollout batch, 3 batches: every 2nd rollout batch = step 4 (not
+    Lightning's step count), and the end of training = step 6."""
+    run_dir = tmp_path / "run"
+    cli = [c for c in CLI if "model_checkpoint" not in c]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "train.py",
+            *cli,
+            "logger=none",
+            "callbacks.model_checkpoint.every_n_rollout_batches=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "step_000004.ckpt",
+        "step_000006.ckpt",
+    ]
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 6
+    (state,) = [v for k, v in last["callbacks"].items() if k.startswith("RolloutCheckpoint")]
+    assert state["rollout_batches"] == 3  # a resumed run goes on counting from here
