@@ -144,12 +144,18 @@ def test_pool_loss_pass_by_hand():
 
 @pytest.fixture(scope="module")
 def rollout(tiny_backbone):
+    """Rows of two prompts (different lengths), some ending early with EOS, some cut off."""
     model, tok = tiny_backbone
     prompter = ChatPrompter(tok, "Explain the text.", 128)
     prompts = prompter.encode(["A cat sat on the mat.", "Stocks fell sharply on Monday after"])
-    engine = HFRolloutEngine(model, tok, max_new_tokens=6)
-    torch.manual_seed(0)
-    ro = engine.generate(prompts, num_samples=3, temperature=1.0, system_len=prompter.system_len)
+    kw = dict(num_samples=3, temperature=1.0, system_len=prompter.system_len, seeds=[1, 2])
+    first = HFRolloutEngine(model, tok, max_new_tokens=6, eos_token_ids=[-1]).generate(
+        prompts, **kw
+    )
+    # the same draws, with row 0's third token as EOS: row 0 (at least) now stops early
+    eos = int(first.response_ids[0, 2])
+    ro = HFRolloutEngine(model, tok, max_new_tokens=6, eos_token_ids=[eos]).generate(prompts, **kw)
+    assert ro.finished.any() and not ro.finished.all()
     return model, ro, prompter.system_len
 
 
