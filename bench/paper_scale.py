@@ -563,8 +563,8 @@ def layer_saved_bytes(
 
     Measured with ``saved_tensors_hooks`` (each storage counted once, by address) around the
     layer's forward at two token counts (one row): saved = weights + per_token x tokens.
-    ``weights``: weight copies kept for backward (full FT: autocast's bf16 weight cache; LoRA:
-    the bf16 casts of the frozen base weights, needed for the input gradient).
+    ``weights``: the bf16 casts of the layer's weights, kept for backward (the input gradient
+    needs them), once per forward pass (autocast without its weight cache, as Lightning runs it).
     Returns {"per_token": bytes, "weights": bytes}.
     """
     import torch
@@ -601,7 +601,8 @@ def layer_saved_bytes(
     for n in tokens:
         seen.clear()
         ids = torch.randint(0, 256, (1, n))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        # as Lightning's bf16-mixed: cache_enabled=False, every use casts its weight again
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             out = model(input_ids=ids, use_cache=False).logits
         sizes.append(sum(seen.values()))
         del out
@@ -651,7 +652,6 @@ class Coeffs:
     lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry)
     sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
     prefill: float = 1.0  # scale on the analytic no-grad prefill transient per prompt token
-    cache_rollout: float = 0.0  # 1: autocast caches the bf16 weights in the (no-grad) rollout
     update_const: float = 0.0  # bytes (framework overhead seen in the update phase)
     rollout_const: float = 0.0
 
@@ -701,14 +701,6 @@ def static_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
     return parts
 
 
-def weight_cache(s: Shape, layers: int, st: Setting, lay: LayerSaved) -> float:
-    """bf16 weight copies alive through the step: autocast caches the casts of fp32 weights that
-    require grad (full FT, one GPU). Under FSDP the gathered weights are views (not cached)."""
-    if st.lora or st.devices > 1:
-        return 0.0
-    return 2 * s.linear_params(layers)
-
-
 def rollout_parts(
     s: Shape,
     layers: int,
@@ -728,13 +720,10 @@ def rollout_parts(
     kv += 2 * kv_tok / layers * rows * (prompt_len + response_len)
     decode = kv + c.sample * rows * s.vocab
     prefill = prompts * prompt_len * (kv_tok + c.prefill * prefill_per_token(s))
-    cache = weight_cache(s, layers, st, lay)
     parts = {
         "kv+sampling" if decode >= prefill else "prefill": max(decode, prefill),
-        # either autocast's cache of every bf16 weight, or (not cached: LoRA's frozen weights,
-        # FSDP's views, or no caching under no_grad) the LM head's bf16 cast at each decode step
-        "weights_bf16": c.cache_rollout * cache
-        + (1 - c.cache_rollout if cache else 1) * 2 * s.embed_params(),
+        # Lightning's autocast has no weight cache: the LM head's bf16 cast at each decode step
+        "lm_head_cast": 2 * s.embed_params(),
         "const": c.rollout_const,
     }
     return parts
@@ -783,11 +772,10 @@ def forward_parts(
     }
     if not st.gc and st.share_prompt:  # each row's gathered prompt K/V, saved by attention
         parts["kv_gather"] = rows * prompt_len * s.kv_bytes_per_token(layers)
-    if st.lora:  # bf16 casts of the frozen weights, saved for the input gradient, per pass
-        passes = 2 if st.share_prompt and not st.gc else 1
-        parts["weight_copies"] = lay.weights(True) * (1 if st.gc else layers * passes)
-    elif st.devices > 1:  # FSDP: uncached bf16 casts saved for backward (one layer with GC)
-        parts["weight_copies"] = lay.weights(False) * (1 if st.gc else layers)
+    # bf16 casts of every layer's weights, saved for the input gradient, once per pass (prompt
+    # pass + response pass on the shared-prompt path); with GC one layer's at a time
+    passes = 2 if st.share_prompt and not st.gc else 1
+    parts["weight_copies"] = lay.weights(st.lora) * (1 if st.gc else layers * passes)
     return parts
 
 
@@ -813,7 +801,7 @@ def update_parts(
     # bf16 gradients of the bf16 weight casts, alive until converted into the fp32 grads
     extra = c.grad_extra * (t - (0 if st.lora else s.embed_params())) / st.devices
     fwd = forward_parts(s, layers, st, rows, k, prompt_len, response_len, c, lay, vocab_chunk)
-    parts = {"weight_cache": weight_cache(s, layers, st, lay), "const": c.update_const}
+    parts = {"const": c.update_const}
     if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
         parts["tied_grad"] = 6 * s.embed_params()
     if sum(fwd.values()) + (grads if accumulating else 0.0) >= grads + extra:
@@ -886,7 +874,6 @@ def predict_peak(
         accumulating=m < mb_rows,
     )
     sp = step_parts(s, n, st)
-    sp["weight_cache"] = weight_cache(s, n, st, lay)
     phases = {
         "rollout": base + sum(ro.values()),
         "update": base + sum(up.values()),
@@ -933,8 +920,7 @@ def trainable_params(s: Shape, layers: int, lora: bool, r: int = 16) -> int:
 def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[str, float]:
     """What ``run_point`` measures for ``p`` (the FIRST rollout batch on CPU), per phase, bytes
     above the RSS at the phase's start: no gradients or AdamW state exist before the first step,
-    and autocast's weight cache is created by the rollout (``cache_rollout`` = 1) or by the
-    first loss forward (0)."""
+    (Lightning's autocast runs with cache_enabled=False: no bf16 weight cache persists)."""
     s, st, n = point_shape(p), Setting(lora=p.lora, gc=p.gc), p.layers
     all_rows = p.groups * (p.k + 2)
     roll = None if OPTIONAL_KNOBS["roll_rows"] in skipped else p.roll_rows
@@ -955,10 +941,9 @@ def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[s
     m = min(micro or mb_rows, mb_rows)
     args = (s, n, st, m, p.k, p.prompt_len, p.response_len, c, lay, lm_chunk_tokens(s.vocab))
     up = update_parts(*args, accumulating=m < mb_rows)
-    cache = weight_cache(s, n, st, lay)
-    forward = sum(forward_parts(*args).values()) + (1 - c.cache_rollout) * cache  # 1st call
+    forward = sum(forward_parts(*args).values())
     t = trainable_params(s, n, p.lora)
-    update = sum(up.values()) - c.cache_rollout * up["weight_cache"]
+    update = sum(up.values())
     if p.groups > p.mb_groups:  # later mini-batches find the AdamW state of the first step
         update += 8 * t
     biggest = 16 * max(s.intermediate, s.q_dim, s.hidden) if p.lora else s.embed_params()
@@ -981,7 +966,6 @@ FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps 
     ("sample", 30.0, 0.0, 400.0),
     ("prefill", 1.0, 0.0, 10.0),
     ("grad_extra", 2.0, 0.0, 12.0),
-    ("cache_rollout", 0.0, 0.0, 1.0),
     ("update_const", 0.0, -0.5 * GIB, 1.0 * GIB),
     ("rollout_const", 0.0, -0.5 * GIB, 1.0 * GIB),
 ]

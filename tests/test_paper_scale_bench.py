@@ -65,7 +65,6 @@ def test_fit_recovers_known_coefficients_and_predicts_held_out_points():
         lm=14.0,
         sample=45.0,
         prefill=0.7,
-        cache_rollout=0.0,
         update_const=0.05 * ps.GIB,
         rollout_const=0.02 * ps.GIB,
     )
