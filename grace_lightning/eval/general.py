@@ -98,10 +98,10 @@ def perplexity(
                 ids[i, : len(e)] = torch.tensor(e)
                 mask[i, : len(e)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (b, L, V)
-            logp = logits[:, :-1].log_softmax(-1)  # (b, L-1, V) predicts tokens 1..L-1
-            target = ids[:, 1:]  # (b, L-1)
-            nll = -logp.gather(-1, target[..., None]).squeeze(-1)  # (b, L-1)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (b, L, V)
+            nll = torch.nn.functional.cross_entropy(  # fp32: (b, L-1), position j predicts j+1
+                logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none"
+            )
             keep = mask[:, 1:].bool()
             total_nll += float(nll[keep].sum())
             total_tokens += int(keep.sum())
