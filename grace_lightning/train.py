@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,21 @@ def drop_lr_monitor_without_logger(callbacks: list[Any], loggers: list[Any]) -> 
     if len(kept) != len(callbacks):
         log.info("logger=none: no learning-rate monitor (it needs a logger)")
     return kept
+
+
+def length_cache_key(cfg: DictConfig, tokenizer) -> str:
+    """What the prompt token counts depend on (the data store caches them under it)."""
+    return json.dumps(
+        {
+            "counter": "ChatPrompter.lengths/v1",
+            "tokenizer": str(tokenizer.name_or_path),
+            "revision": cfg.backbone.get("revision"),
+            "vocab": len(tokenizer),
+            "chat_template": tokenizer.chat_template,
+            "system_prompt": cfg.prompt.system_prompt,
+        },
+        sort_keys=True,
+    )
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
@@ -75,7 +91,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule.load()
     tokenizer = load_tokenizer(BackboneConfig(**cfg.backbone))
     prompter = ChatPrompter(tokenizer, cfg.prompt.system_prompt, cfg.prompt.max_prompt_tokens)
-    datamodule.filter_by_length(prompter.lengths)
+    datamodule.filter_by_length(prompter.lengths, key=length_cache_key(cfg, tokenizer))
 
     model = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_group(cfg.get("callbacks"))

@@ -521,3 +521,108 @@ def test_shared_config_reads_real_snli_and_wiki1m(monkeypatch):
     dm_u.load()
     assert len(dm_u.train_examples) + len(dm_u.val_examples) == dm_u.read_report.kept > 11000
     assert dm_u.val_examples[0] == "YMCA in South Australia"
+
+
+# --------------------------------------------------------------------------- Arrow store
+
+
+def _sup_dm(tmp_path, name="t.jsonl", **kwargs) -> GraceDataModule:
+    return GraceDataModule(
+        mode="sup",
+        sup={"kind": "jsonl", "path": name},
+        root=tmp_path,
+        cache_dir=tmp_path / "cache",
+        val_fraction=0.1,
+        prompts_per_step=2,
+        max_prompt_tokens=3,
+        **kwargs,
+    )
+
+
+def test_store_and_prompt_lengths_are_built_once_then_reused(tmp_path, monkeypatch):
+    import grace_lightning.data.datamodule as dm_mod
+
+    rows = [triplet(i, positive="w " * (1 + i % 5)) for i in range(40)]
+    write_lines(tmp_path / "t.jsonl", rows)
+    calls: list[int] = []
+
+    def count(texts):
+        calls.append(len(texts))
+        return [len(t.split()) for t in texts]
+
+    first = _sup_dm(tmp_path)
+    first.filter_by_length(count, key="tok-A")
+    assert sum(calls) == 40  # every policy prompt once (train and val)
+    assert sorted(p.suffix for p in (tmp_path / "cache").glob("*/*.arrow")) == [".arrow"] * 2
+
+    # a restart (or another rank): the file is not read again and nothing is re-tokenised
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read the data file again")
+
+    monkeypatch.setattr(dm_mod, "iter_triplets", no_reading)
+    again = _sup_dm(tmp_path)
+    again.filter_by_length(count, key="tok-A")
+    assert sum(calls) == 40
+    assert list(again.train_examples) == list(first.train_examples)
+    assert list(again.val_examples) == list(first.val_examples)
+    assert again.read_report.kept == 40 and again.length_report == first.length_report
+    assert all(len(t.positive.split()) <= 3 for t in again.train_examples)
+    # another tokenizer/prompt: counted again (once)
+    _sup_dm(tmp_path).filter_by_length(count, key="tok-B")
+    assert sum(calls) == 80
+
+    # the file changed: a new store (the old one is not trusted)
+    monkeypatch.undo()
+    write_lines(tmp_path / "t.jsonl", rows + [triplet(99)])
+    changed = _sup_dm(tmp_path)
+    changed.load()
+    assert changed.read_report.kept == 41
+
+
+def test_bad_line_through_the_store_names_file_line_field_and_stores_nothing(tmp_path):
+    rows = [triplet(0), triplet(1), triplet(2, positive="   "), triplet(3)]
+    path = write_lines(tmp_path / "t.jsonl", rows)
+    for _ in range(2):  # nothing half-built is picked up by the second attempt
+        with pytest.raises(DataError) as err:
+            _sup_dm(tmp_path).load()
+        assert str(err.value) == f"{path}:3: field 'positive': empty text"
+    assert not list((tmp_path / "cache").glob("*/*.arrow"))
+    assert not list((tmp_path / "cache").glob("*/report.json"))
+
+
+def _build_in_child(tmp_path, log_path) -> None:
+    def count(texts):
+        with open(log_path, "a") as f:
+            f.write(f"{len(texts)}\n")
+        return [len(t.split()) for t in texts]
+
+    _sup_dm(tmp_path).filter_by_length(count, key="tok-A")
+
+
+def test_concurrent_ranks_build_the_store_and_lengths_once(tmp_path):
+    import multiprocessing
+
+    write_lines(tmp_path / "t.jsonl", [triplet(i, positive="w " * (1 + i % 5)) for i in range(400)])
+    log_path = tmp_path / "counted.txt"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_build_in_child, args=(tmp_path, log_path)) for _ in range(4)]
+    for p in procs:  # like 4 DDP ranks starting together (no process group yet)
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert sum(int(x) for x in log_path.read_text().split()) == 400  # tokenised once in all
+    assert len(list((tmp_path / "cache").glob("*/data.arrow"))) == 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_store_backed_batches_follow_the_rank_sharded_order(tmp_path, world):
+    write_lines(tmp_path / "t.jsonl", [triplet(i) for i in range(50)])
+    examples = [f"q{i}" for i in range(5, 50)]  # the first 10 % (5) are validation
+    for rank in range(world):
+        dm = _sup_dm(tmp_path, rank=rank, world_size=world, seed=7)
+        dm.load()
+        got = [q for b in dm.train_dataloader() for q in b["query"]]
+        order = ResumableSampler(examples, seed=7, rank=rank, world_size=world).order()
+        usable = len(order) // 2 * 2  # whole batches of prompts_per_step=2
+        assert got == [examples[i] for i in order[:usable]]

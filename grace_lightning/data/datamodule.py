@@ -16,6 +16,14 @@ Steps 1-2 run in :meth:`GraceDataModule.load` without a tokenizer, so ``train.py
 fast on bad data before a model loads; step 3 runs when the caller hands a token counter to
 :meth:`GraceDataModule.filter_by_length`.
 
+Storage (paper scale, :mod:`grace_lightning.data.store`): a data file is validated once into a
+memory-mapped Arrow store under ``cache_dir`` (default ``$GRACE_CACHE/data/arrow``), keyed by
+the file's identity and the reading options; the prompt lengths are a cached ``datasets.map``
+keyed by the tokenizer and prompt. A restart, or every rank of a DDP run, opens those files
+instead of re-reading and re-tokenising (the first process builds under a file lock, the
+others wait for it). ``train_examples`` / ``val_examples`` are read-only sequences over the
+store (:class:`ExampleView`); the splits and the length filter are index arrays.
+
 Batches are raw strings: ``{"query": [...], "positive": [...], "negatives": [[...], ...]}``
 (sup) or ``{"text": [...]}`` (unsup), ``prompts_per_step`` examples each (per device), shuffled
 by a resumable, rank-sharded sampler (:mod:`grace_lightning.data.sampler`).
@@ -28,24 +36,27 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from grace_lightning.data.offline import ensure_offline_default
+from grace_lightning.data.offline import data_cache_dir, ensure_offline_default
 from grace_lightning.data.readers import (
     DataError,
     ReadReport,
     Triplet,
+    _check_file,
+    iter_sentences,
+    iter_triplets,
     load_hub_sentences,
     load_hub_triplets,
-    read_sentences,
-    read_triplets,
 )
 from grace_lightning.data.sampler import (
     ResumableDataLoader,
     ResumableSampler,
     default_rank_world_size,
 )
+from grace_lightning.data.store import cached_lengths, file_identity, open_store
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +76,49 @@ SOURCE_KEYS = {
     "split",
     "load_kwargs",
 }
-TOKEN_COUNT_CHUNK = 4096  # texts per call of the token counter
+
+
+class ExampleView(Sequence):
+    """Read-only examples (``Triplet`` for sup, ``str`` for unsup) at ``indices`` of an Arrow
+    dataset; nothing is copied into Python objects until an item is read."""
+
+    def __init__(self, dataset, indices: np.ndarray, mode: str) -> None:
+        self.dataset, self.indices, self.mode = dataset, np.asarray(indices, np.int64), mode
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _convert(self, row: dict[str, Any]) -> Triplet | str:
+        if self.mode == "sup":
+            return Triplet(row["query"], row["positive"], list(row["negatives"]))
+        return row["text"]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._convert(self.dataset[int(self.indices[index])])
+
+    def __iter__(self):
+        for start in range(0, len(self), 1024):
+            chunk = self.dataset[self.indices[start : start + 1024].tolist()]
+            cols = list(chunk)
+            for values in zip(*(chunk[c] for c in cols)):
+                yield self._convert(dict(zip(cols, values)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (list, tuple, ExampleView)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ExampleView({len(self)} {self.mode} examples)"
 
 
 class ListDataset(Dataset):
-    """A map-style dataset over an in-memory list of examples."""
+    """A map-style dataset over a sequence of examples (a list or an :class:`ExampleView`)."""
 
     def __init__(self, examples: Sequence[Any]) -> None:
-        self.examples = list(examples)
+        self.examples = examples if isinstance(examples, ExampleView) else list(examples)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -131,6 +177,8 @@ class GraceDataModule(LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process).
         rank / world_size: DDP sharding; default from the Trainer, else torch.distributed.
         val_batch_size: validation batch size (default ``prompts_per_step``).
+        cache_dir: where the Arrow stores and cached prompt lengths live (default
+            ``$GRACE_CACHE/data/arrow``).
     """
 
     def __init__(
@@ -149,6 +197,7 @@ class GraceDataModule(LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         val_batch_size: int | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -175,9 +224,13 @@ class GraceDataModule(LightningDataModule):
         self.rank = rank
         self.world_size = world_size
         self.val_batch_size = int(val_batch_size or prompts_per_step)
+        self.cache_dir = Path(cache_dir) if cache_dir else data_cache_dir() / "arrow"
 
-        self.train_examples: list[Any] = []
-        self.val_examples: list[Any] = []
+        self.dataset = None  # the whole (validated) source as an Arrow dataset
+        self._train_idx = np.zeros(0, np.int64)
+        self._val_idx = np.zeros(0, np.int64)
+        self.train_examples: Sequence[Any] = []
+        self.val_examples: Sequence[Any] = []
         self.read_report: ReadReport | None = None
         self.length_report: dict[str, Any] | None = None
         self._loaded = False
@@ -210,8 +263,11 @@ class GraceDataModule(LightningDataModule):
         spec["kind"] = kind
         return spec
 
-    def read_examples(self) -> tuple[list[Any], ReadReport]:
-        """Read and validate the configured source of the current mode (no split)."""
+    def open_dataset(self):
+        """``(dataset, report)``: the configured source of the current mode, validated, as an
+        Arrow dataset (files: the memory-mapped store, built on first use; Hub: in memory)."""
+        import datasets
+
         spec = self._source_spec()
         kind = spec["kind"]
         common = dict(on_error=self.on_error, max_examples=self.max_examples)
@@ -223,53 +279,88 @@ class GraceDataModule(LightningDataModule):
                 **(spec.get("load_kwargs") or {}),
             )
             if self.mode == "sup":
-                return load_hub_triplets(spec["hub_id"], **_triplet_fields(spec), **hub)
-            return load_hub_sentences(
-                spec["hub_id"], text_field=spec.get("text_field", "text"), **hub
-            )
+                items, report = load_hub_triplets(spec["hub_id"], **_triplet_fields(spec), **hub)
+                cols = {
+                    "query": [t.query for t in items],
+                    "positive": [t.positive for t in items],
+                    "negatives": [t.negatives for t in items],
+                }
+            else:
+                items, report = load_hub_sentences(
+                    spec["hub_id"], text_field=spec.get("text_field", "text"), **hub
+                )
+                cols = {"text": items}
+            return datasets.Dataset.from_dict(cols), report
         if kind == "offline":
             path = ensure_offline_default()[self.mode]
         else:
             path = self.resolve_path(spec["path"])
         if self.mode == "sup":
-            return read_triplets(path, **_triplet_fields(spec), **common)
-        fmt = spec.get("format") or {"txt": "txt", "jsonl": "jsonl"}.get(kind, "auto")
-        return read_sentences(path, format=fmt, text_field=spec.get("text_field", "text"), **common)
+            fields = _triplet_fields(spec)
+
+            def read(report: ReadReport):
+                return iter_triplets(path, report, **fields, **common)
+        else:
+            fields = {
+                "format": spec.get("format") or {"txt": "txt", "jsonl": "jsonl"}.get(kind, "auto"),
+                "text_field": spec.get("text_field", "text"),
+            }
+
+            def read(report: ReadReport):
+                return iter_sentences(path, report, **fields, **common)
+
+        # a missing/odd file fails here, with the readers' messages, before any store exists
+        identity = file_identity(_check_file(path))
+        key = {"kind": kind, **identity, **fields, **common}
+        ds, report, built = open_store(self.cache_dir, key, self.mode, read, source=str(path))
+        if not built:
+            log.info("data: opened the stored %s (%d examples)", path, len(ds))
+        return ds, report
 
     def load(self) -> None:
         """Read, validate and split (no tokenizer needed). Raises :class:`DataError` on bad
         data. Safe to call more than once."""
         if self._loaded:
             return
-        examples, report = self.read_examples()
+        ds, report = self.open_dataset()
         self.read_report = report
         if report.skipped:
             log.warning("data: %s; first problems: %s", report.summary(), report.messages)
         else:
             log.info("data: %s", report.summary())
-        n_val = int(len(examples) * self.val_fraction)  # upstream split_dataset()
-        self.val_examples = examples[:n_val]
-        self.train_examples = examples[n_val:]
-        if not self.train_examples:
+        n = len(ds)
+        n_val = int(n * self.val_fraction)  # upstream split_dataset(): the first 1 %
+        if n - n_val <= 0:
             raise DataError(
                 f"{report.source}: no training examples left after holding out {n_val} for "
                 f"validation",
                 source=report.source,
             )
+        self.dataset = ds
+        self._set_split(np.arange(n_val, n), np.arange(n_val))
         self._loaded = True
-        log.info("data (%s): %d train, %d val examples", self.mode, len(self.train_examples), n_val)
+        log.info("data (%s): %d train, %d val examples", self.mode, n - n_val, n_val)
+
+    def _set_split(self, train_idx: np.ndarray, val_idx: np.ndarray) -> None:
+        self._train_idx, self._val_idx = train_idx, val_idx
+        self.train_examples = ExampleView(self.dataset, train_idx, self.mode)
+        self.val_examples = ExampleView(self.dataset, val_idx, self.mode)
 
     def filter_by_length(
         self,
         count_tokens: Callable[[list[str]], list[int]],
         max_tokens: int | None = None,
+        key: str | None = None,
     ) -> dict[str, Any]:
         """Keep examples whose policy prompt has at most ``max_tokens`` tokens (default
         ``max_prompt_tokens``), on both splits, as upstream ``offline_filter_data.py``.
 
         ``count_tokens`` maps raw policy texts to the token counts of their chat-templated
         prompts (system prompt + text, generation prompt added); the caller builds it from
-        the policy tokenizer. Returns (and stores in ``length_report``) kept/dropped counts.
+        the policy tokenizer. ``key`` names what ``count_tokens`` depends on (tokenizer, chat
+        template, system prompt): with it the counts are cached next to the data store and
+        later calls with the same key do not call ``count_tokens`` at all. Returns (and
+        stores in ``length_report``) kept/dropped counts.
         """
         self.load()
         limit = self.max_prompt_tokens if max_tokens is None else max_tokens
@@ -278,23 +369,15 @@ class GraceDataModule(LightningDataModule):
             report.update(dropped_train=0, dropped_val=0, disabled=True)
             self.length_report = report
             return report
-        for split in ("train", "val"):
-            examples = getattr(self, f"{split}_examples")
-            counts: list[int] = []
-            texts = [policy_text(e) for e in examples]
-            for i in range(0, len(texts), TOKEN_COUNT_CHUNK):
-                chunk = texts[i : i + TOKEN_COUNT_CHUNK]
-                got = list(count_tokens(chunk))
-                if len(got) != len(chunk):
-                    raise ValueError(
-                        f"count_tokens returned {len(got)} counts for {len(chunk)} texts"
-                    )
-                counts.extend(int(c) for c in got)
-            kept = [e for e, c in zip(examples, counts) if c <= limit]
-            setattr(self, f"{split}_examples", kept)
-            report[f"kept_{split}"] = len(kept)
-            report[f"dropped_{split}"] = len(examples) - len(kept)
-            report[f"max_tokens_seen_{split}"] = max(counts, default=0)
+        column = "positive" if self.mode == "sup" else "text"
+        lengths = cached_lengths(self.dataset, column, count_tokens, key)  # (n,) every row
+        kept = {}
+        for split, idx in (("train", self._train_idx), ("val", self._val_idx)):
+            counts = lengths[idx]
+            kept[split] = idx[counts <= limit]
+            report[f"kept_{split}"] = len(kept[split])
+            report[f"dropped_{split}"] = len(idx) - len(kept[split])
+            report[f"max_tokens_seen_{split}"] = int(counts.max()) if len(counts) else 0
         self.length_report = report
         log.info(
             "data: length filter (<= %d prompt tokens) dropped %d train and %d val examples",
@@ -302,11 +385,12 @@ class GraceDataModule(LightningDataModule):
             report["dropped_train"],
             report["dropped_val"],
         )
-        if not self.train_examples:
+        if not len(kept["train"]):
             raise DataError(
                 f"no training example has a policy prompt of <= {limit} tokens "
                 f"(longest seen: {report['max_tokens_seen_train']})"
             )
+        self._set_split(kept["train"], kept["val"])
         return report
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -222,20 +222,20 @@ def _parse_json(line: str) -> Any:
         raise _BadRecord(INVALID_JSON, f"invalid JSON: {e.msg} (column {e.colno})") from None
 
 
-def _collect(
+def _iter_valid(
     records: Iterable[tuple[int | str, Any]],
     convert,
     report: ReadReport,
     on_error: str,
     max_examples: int | None,
-) -> list:
-    """Run ``convert`` over (location, record) pairs, raising or counting problems.
+) -> Iterator:
+    """Yield ``convert(record)`` for each valid (location, record) pair, raising or counting
+    problems in ``report`` (``report.kept`` is final once the iterator is exhausted).
 
     A record may be a ``_BadRecord`` already (decoding failed) or None (blank line).
     """
-    out = []
     for location, record in records:
-        if max_examples is not None and len(out) >= max_examples:
+        if max_examples is not None and report.kept >= max_examples:
             report.truncated = True
             break
         if record is None:
@@ -244,7 +244,7 @@ def _collect(
         try:
             if isinstance(record, _BadRecord):
                 raise record
-            out.append(convert(record))
+            item = convert(record)
         except _BadRecord as bad:
             msg = _message(report.source, location, bad)
             if on_error == "raise":
@@ -256,10 +256,28 @@ def _collect(
                     reason=bad.reason,
                 ) from None
             report.add_problem(bad.reason, msg)
-    report.kept = len(out)
-    if not out:
+            continue
+        report.kept += 1
+        yield item
+
+
+def check_not_empty(report: ReadReport) -> None:
+    """An empty result is always an error (after reading everything)."""
+    if not report.kept:
         detail = f" ({report.summary()})" if report.skipped or report.blank else ""
         raise DataError(f"{report.source}: no valid examples{detail}", source=report.source)
+
+
+def _collect(
+    records: Iterable[tuple[int | str, Any]],
+    convert,
+    report: ReadReport,
+    on_error: str,
+    max_examples: int | None,
+) -> list:
+    """:func:`_iter_valid` into a list; empty is an error."""
+    out = list(_iter_valid(records, convert, report, on_error, max_examples))
+    check_not_empty(report)
     return out
 
 
@@ -289,6 +307,30 @@ def _text_records(path: Path) -> Iterator[tuple[int, Any]]:
 def _check_max(max_examples: int | None) -> None:
     if max_examples is not None and max_examples <= 0:
         raise ValueError(f"max_examples={max_examples}: must be positive or None")
+
+
+def iter_triplets(
+    path: str | Path,
+    report: ReadReport | None = None,
+    *,
+    query_field: str = "query",
+    positive_field: str = "positive",
+    negative_field: str | None = "negative",
+    on_error: OnError = "raise",
+    max_examples: int | None = None,
+) -> Iterator[Triplet]:
+    """Stream the valid triplets of :func:`read_triplets` (same checks and messages) without
+    holding them in memory; problems are counted in ``report``. The caller checks emptiness
+    (:func:`check_not_empty`) after exhausting it."""
+    _check_on_error(on_error)
+    _check_max(max_examples)
+    p = _check_file(path)
+    report = report if report is not None else ReadReport(source=str(path))
+
+    def convert(record: Any) -> Triplet:
+        return _triplet_from_record(record, query_field, positive_field, negative_field)
+
+    yield from _iter_valid(_json_records(p), convert, report, on_error, max_examples)
 
 
 def read_triplets(
@@ -323,6 +365,32 @@ def _sentence_format(path: Path, format: str) -> str:
     if format not in ("txt", "jsonl"):
         raise ValueError(f"format={format!r}: use 'auto', 'txt' or 'jsonl'")
     return format
+
+
+def iter_sentences(
+    path: str | Path,
+    report: ReadReport | None = None,
+    *,
+    format: Literal["auto", "txt", "jsonl"] = "auto",
+    text_field: str = "text",
+    on_error: OnError = "raise",
+    max_examples: int | None = None,
+) -> Iterator[str]:
+    """Stream the valid sentences of :func:`read_sentences` (same checks and messages)."""
+    _check_on_error(on_error)
+    _check_max(max_examples)
+    p = _check_file(path)
+    fmt = _sentence_format(p, format)
+    report = report if report is not None else ReadReport(source=str(path))
+    if fmt == "txt":
+        records, convert = _text_records(p), lambda line: _text(line, "text")
+    else:
+        records = _json_records(p)
+
+        def convert(record: Any) -> str:
+            return _sentence_from_record(record, text_field)
+
+    yield from _iter_valid(records, convert, report, on_error, max_examples)
 
 
 def read_sentences(
