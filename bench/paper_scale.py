@@ -29,19 +29,28 @@ What it does (not a test; run it by hand):
 4. **Predict** the peak of the full recipe on one 80 GB GPU for the four paper backbones, full
    fine-tuning vs LoRA, with and without gradient checkpointing, one GPU vs FSDP over 4 GPUs.
 
-The memory model (bytes; GB in the output = 2**30 bytes):
+The memory model (bytes per GPU; GiB = 2**30 bytes). P params, T trainable params (LoRA: the
+adapters), L layers, h hidden, V vocabulary, Lp/R prompt/response tokens, kv = 2 x L x kv_heads x
+head_dim x 2 B (bf16 K and V per token slot). Lightning's bf16-mixed runs autocast with
+cache_enabled=False, so no bf16 weight cache persists: each use of a weight casts it again.
 
-    peak  = static + max(rollout, update, optimiser step)
-    static = 4 P (fp32 master weights) + 4 T (grads) + 8 T (AdamW m, v)     T = trainable params
-             FSDP over n GPUs: the three divided by n, plus the gathered units (fp32)
-    rollout = KV + s_v rows V + s_p prompt_tokens h + autocast weight cache
-        KV = 2 (k, v) x layers x kv_heads x head_dim x 2 B (bf16) x rows x (prompt + response)
-             (each row holds its own copy of its prompt's KV unless the engine shares it)
-    update = autocast weight cache + layers x (w + a_s tokens) kappa + LM head + KV gather
-        a_s, w: saved bytes per token and weight copies per layer (step 2), kappa fitted
-        with gradient checkpointing: layers x 4 h tokens (layer inputs) + one layer's a_s tokens
-        LM head: g x V x (tokens in one LM-head chunk), g fitted
-    optimiser step: foreach AdamW on CUDA allocates one more 4 B/param (sqrt(v)) while it runs
+    peak    = static + max(rollout, update, optimiser step)
+    static  = 4 P (fp32 master weights) + 8 T (AdamW m, v)        (gradients are freed after
+              each step); FSDP over n GPUs: / n, plus the gathered root + 2 layers (fp32)
+    rollout = kv x slots + kv x 2 rows (Lp + R) / L (one layer's assembled keys/values)
+              + sample x rows x V (per-step logits, softmax, fp64 CDF) + 2 V h (LM head's bf16
+              cast); slots = prompts Lp + rows R with rollout.share_prompt_kv (rows (Lp + R) off);
+              the prefill of a sub-batch's prompts (prefill x analytic per-token) if larger
+    update  = 6 V h (tied LM-head/embedding grads, full FT) + const + the larger of
+              forward side: kappa x L x a_s x tokens (GC: L x 4 h x tokens + a_s x tokens)
+                          + L x w x passes (bf16 weight casts saved for backward; GC: one layer)
+                          + rows Lp kv (prompt K/V gathered per row) + lm x chunk x V + 8 h R rows
+                          (+ 4 T of earlier micro-batches' gradients when accumulating)
+              backward side: 4 T (fp32 grads) + grad_extra x T_layers (bf16 grad buffers)
+              a_s, w: per-layer saved bytes per token / weight casts (step 2, per backbone);
+              tokens = prompts Lp + rows R (shared-prompt pass) or rows (Lp + R) (GC, full seq)
+    optimiser step = 4 T (grads) + 4 T (CUDA foreach AdamW's sqrt(v) copy)
+Fitted on the CPU points: kappa (full, LoRA), grad_extra, lm, sample, prefill, two constants.
 """
 
 from __future__ import annotations
@@ -478,24 +487,25 @@ def run_point(p: Point) -> dict:
 
 # --------------------------------------------------------------------------- measurement grid
 def default_grid() -> list[Point]:
-    """The CPU points, most informative first. "base" is a quick point; "big" has enough tokens
-    (4 prompts x 8 rollouts x 64 + anchors) for activations and LM-head chunks to show next to
-    the gradients of the 151,936 x 1536 embedding."""
+    """The CPU points, one knob at a time. "base" is quick; "mid" (2 prompts x 8 rollouts x 64
+    tokens) and "big" (4 x 8 x 64) have enough tokens for the activations and LM-head chunks to
+    show in the loss forward next to the 151,936 x 1536 embedding's gradients."""
     base = Point(shape="qwen", layers=1, groups=2, k=4, prompt_len=96, response_len=32)
-    big = replace(base, groups=4, k=8, response_len=64)
+    mid = replace(base, k=8, response_len=64)
+    big = replace(mid, groups=4)
     fit = [
         replace(base, label="base"),
         replace(big, label="big: 4 x 8 rollouts x 64"),
-        replace(big, lora=True, label="big, LoRA"),
-        replace(big, gc=True, label="big, grad ckpt"),
-        replace(big, micro_rows=8, label="big, micro-batch 8 rows"),
         replace(base, layers=2, label="layers 2"),
         replace(base, response_len=64, label="response 64"),
-        replace(big, roll_rows=8, label="big, rollout budget 8 rows"),
+        replace(mid, lora=True, label="mid, LoRA"),
+        replace(mid, gc=True, label="mid, grad ckpt"),
+        replace(mid, micro_rows=4, label="mid, micro-batch 4 rows"),
+        replace(base, roll_rows=4, label="rollout budget 4 rows"),
     ]
     held_out = [
-        replace(big, layers=2, micro_rows=16, label="held out: big, layers 2, micro 16"),
-        replace(big, shape="llama", lora=True, label="held out: big, LoRA, Llama shape"),
+        replace(mid, layers=2, micro_rows=8, label="held out: mid, layers 2, micro 8"),
+        replace(base, shape="llama", lora=True, label="held out: LoRA, Llama shape"),
     ]
     return [replace(p, label="fit: " + p.label) for p in fit] + held_out
 
