@@ -3,15 +3,47 @@
 `HFRolloutEngine` is a small sampling loop on a Hugging Face causal LM, written for GRACE's shape
 of work rather than calling ``model.generate``:
 
-- each distinct prompt is prefilled ONCE and its KV cache expanded to the rows that sample from
-  it (the K rollouts of a group share one prompt; most tokens are prompt tokens);
+- the system prompt + chat header every prompt starts with is run once (batch 1) and each
+  distinct prompt's remaining tokens are prefilled ONCE; the K rollouts of a group then read that
+  single copy of the prompt KV (`rollout.kv.SegmentedCache`: [shared prefix | prompt | row]);
 - every row has its own temperature, so a group's K rollouts (paper code: T=1.0) and its anchors
   (T=0.5) can share one batch;
 - each generated token is fed back through the model anyway to get the next logits, so its
   last-layer hidden state is summed on the fly: the mean-pooled embedding (over prompt tokens
   after the system prompt + the response, notes §3.3) costs no extra forward pass;
 - the sampled tokens' log-probs are kept (the PPO "old" log-probs come for free);
-- finished rows are dropped from the batch as they end, so long stragglers run alone.
+- finished rows are dropped from the batch as they end, so long stragglers run alone;
+- a row budget and/or a KV-token budget splits a large request into sub-batches sampled one after
+  another (`rollout.budget`), whole prompts with all their samples where they fit.
+
+Memory (KV cache, per cached token position: 2 x layers x kv_heads x head_dim x bytes; Qwen2.5-1.5B
+bf16: 28 KiB). The paper's rollout batch, 64 prompts x 8 + 128 anchors = 640 rows from 192 prompts
+of <= 1024 tokens, 2048 response tokens:
+
+- per-row copies (transformers ``DynamicCache`` + ``batch_select_indices``, ``share_prompt_kv=
+  False``): 640 x (1024 + 2048) = 1.97M positions = 56 GB;
+- shared prompt KV (default): 192 x 1024 + 640 x 2048 = 1.51M = 43 GB (-23%); the response part
+  is per row by nature and dominates; the prompt part shrinks K-fold. The shared ~40-token system
+  prefix saves a further 191 x 40 positions (0.2 GB) and ~40 tokens of prefill per prompt;
+- ``max_rows_per_batch=128``: 16 x 1024 + 128 x 2048 = 0.28M positions (16 policy groups) to
+  128 x 3072 = 0.39M (128 anchors), 8-11 GB per sub-batch, 5 sub-batches; ``max_kv_tokens=400000``
+  bounds the same directly, whatever the mix.
+
+Attention kernels (SDPA, eager, flash) take one dense ``(rows, heads, length, head_dim)`` key
+tensor, so each layer's keys are assembled per decode step for that layer only (one layer's
+transient, the same copy ``DynamicCache``'s ``torch.cat`` makes every step). Removing that too
+needs a paged/varlen kernel (vLLM's PagedAttention, flash-attn's ``flash_attn_with_kvcache`` with
+a block table), which is GPU-only.
+
+Reproducibility: with ``seeds`` every row draws from its own stream, so results do not depend on
+the batch split. Shared vs per-row-copied prompt KV is bit-identical (same shapes, same kernels).
+Sub-batching and the shared prefix change matmul/attention shapes, which moves logits by ~1e-5;
+log-probs and embeddings then agree to ~1e-5, but inverse-CDF sampling over the unsorted
+vocabulary turns such noise into a different token with probability sum_i |CDF_i - CDF'_i|
+(measured on SmolLM2: ~1% per sampled token at T=1; greedy rows are unaffected). The same holds,
+and held before, for a row sampled alone vs. in a mixed batch. Gumbel-max sampling with
+counter-based per-(row, step, token) noise would make flips ~1e-5 rarer (not done: it changes
+every seeded rationale and the exported model's copy of the sampler).
 
 Another engine (vLLM, SGLang) can implement `RolloutEngine`; if it cannot return hidden states or
 log-probs it leaves those fields ``None`` and the caller computes them with a scoring pass.
