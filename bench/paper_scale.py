@@ -970,8 +970,9 @@ def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[s
 FIT_PHASES = ("rollout", "update", "loss_forward")  # measured phases the model is fitted to
 REPORT_PHASES = ("rollout", "loss_forward", "update", "optim_step")
 FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps it well posed
-    ("kappa_full", 1.0, 0.3, 4.0),
-    ("kappa_lora", 1.0, 0.3, 4.0),
+    # >= 1: what autograd saves (step 2) is resident until the backward uses it
+    ("kappa_full", 1.0, 1.0, 4.0),
+    ("kappa_lora", 1.0, 1.0, 4.0),
     ("lm", 20.0, 0.0, 200.0),
     ("sample", 30.0, 0.0, 400.0),
     ("prefill", 1.0, 0.0, 10.0),

@@ -60,7 +60,7 @@ def _synthetic_results(truth: ps.Coeffs, points):
 def test_fit_recovers_known_coefficients_and_predicts_held_out_points():
     truth = ps.Coeffs(
         kappa_full=1.3,
-        kappa_lora=0.8,
+        kappa_lora=1.2,
         grad_extra=4.5,
         lm=14.0,
         sample=45.0,
