@@ -15,6 +15,7 @@ from grace_lightning.rl.joint import (
     pool_loss_pass,
     rollout_infonce,
     rows_logprobs_and_embedding,
+    validate_joint_config,
 )
 from grace_lightning.rl.update import rows_logprobs
 from grace_lightning.rollout.engine import HFRolloutEngine
@@ -119,6 +120,22 @@ def test_fp32_under_bf16_autocast():
         got = joint_infonce_loss(emb, q, negs, tau=0.02)
     assert got.dtype == torch.float32
     assert got.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("algo", "message"),
+    [
+        ({"contrastive_weight": -1.0}, "contrastive_weight"),
+        ({"contrastive_weight": "high"}, "contrastive_weight"),
+        ({"contrastive_tau": 0}, "contrastive_tau"),
+        ({"contrastive_in_batch": "yes"}, "contrastive_in_batch"),
+    ],
+)
+def test_bad_joint_knobs_fail_with_what_to_change(algo, message):
+    with pytest.raises(ValueError, match=message):
+        validate_joint_config(algo)
+    validate_joint_config({})  # absent = the paper
+    validate_joint_config({"contrastive_weight": 1, "contrastive_tau": 0.05})
 
 
 def test_tau_must_be_positive():

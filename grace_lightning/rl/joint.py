@@ -66,6 +66,7 @@ __all__ = [
     "pool_loss_pass",
     "rollout_infonce",
     "rows_logprobs_and_embedding",
+    "validate_joint_config",
 ]
 
 
@@ -299,6 +300,26 @@ def joint_infonce_loss(
 
 
 # ----------------------------------------------------------------------------- update glue
+
+
+def validate_joint_config(algo, error: type[Exception] = ValueError) -> None:
+    """Startup checks of ``algo.contrastive_weight`` / ``contrastive_tau`` /
+    ``contrastive_in_batch`` (absent keys = the paper: off). Raises ``error(what to change)``."""
+    alpha = algo.get("contrastive_weight", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha < 0:
+        raise error(
+            f"algo.contrastive_weight={alpha!r}: the joint InfoNCE weight alpha must be a number "
+            f">= 0 (0 = the paper: policy gradient only)"
+        )
+    tau = algo.get("contrastive_tau", 0.05)
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or tau <= 0:
+        raise error(
+            f"algo.contrastive_tau={tau!r}: the joint InfoNCE temperature must be > 0 "
+            f"(the InfoNCE baseline's, method=infonce: 0.05)"
+        )
+    in_batch = algo.get("contrastive_in_batch", True)
+    if not isinstance(in_batch, bool):
+        raise error(f"algo.contrastive_in_batch={in_batch!r}: use true or false")
 
 
 @dataclass
