@@ -141,13 +141,18 @@ def test_training_logs_dev_scores_and_checkpoint_keeps_the_best(tmp_path, monkey
     assert logged == [10.0, 30.0, 20.0, 20.0]
 
 
-def test_real_scores_in_a_tiny_run(tmp_path):
-    """Without the fake: the callback scores the tiny policy (rationale mode) during training."""
+@pytest.mark.parametrize(("method", "mode"), [("grace", "rationale"), ("infonce", "base")])
+def test_real_scores_in_a_tiny_run(tmp_path, method, mode):
+    """Without the fake: the callback scores the tiny policy during training, in the mode the
+    run is evaluated in (auto: rationale for GRACE, base for the contrastive baseline)."""
     from grace_lightning.train import train
 
+    steps = ["trainer.max_steps=1"] if method == "infonce" else []
     cfg = make_cfg(
         [
             *TINY,
+            *steps,
+            f"method={method}",
             "+dev=default",
             "callbacks.dev_eval.max_samples=4",
             "callbacks.dev_eval.every_n_rollout_batches=1",
@@ -156,6 +161,7 @@ def test_real_scores_in_a_tiny_run(tmp_path):
     )
     _, objects = train(cfg)
     dev = next(c for c in objects["trainer"].callbacks if isinstance(c, DevEvaluation))
-    assert dev.resolved_mode(objects["model"]) == "rationale"
+    assert dev.resolved_mode(objects["model"]) == mode
     assert len(dev.history) == 2  # at start + after the only rollout batch
     assert all(math.isfinite(h["val/dev_avg"]) for h in dev.history)
+    assert "val/dev_avg" in objects["trainer"].callback_metrics
