@@ -59,6 +59,7 @@ class GraceFSDPStrategy(FSDPStrategy):
         self.auto_wrap = auto_wrap
         self.activation_checkpointing = bool(activation_checkpointing)
         self.layer_classes: set[type[torch.nn.Module]] = set()
+        self.replicated: list[torch.nn.Parameter] = []  # parameters outside the layer units
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -71,26 +72,59 @@ class GraceFSDPStrategy(FSDPStrategy):
             log.info("FSDP: one unit per %s", sorted(c.__name__ for c in self.layer_classes))
         if self.auto_wrap == "decoder_layer":
             self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(self.layer_classes)
+            # the root unit must own no parameter (see the class doc): the few outside the
+            # layers (embeddings, final norm, LM head) stay whole on every rank
+            self.replicated = _params_outside(model, self.layer_classes)
+            self.kwargs["ignored_states"] = self.replicated
         if self.activation_checkpointing:
             self._activation_checkpointing_kwargs = {
                 "auto_wrap_policy": ModuleWrapPolicy(self.layer_classes)
             }
         already = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
         if self.root_device.type != "cpu" or already:
-            return super()._setup_model(model)
-        # CPU: the same as FSDPStrategy._setup_model, with device_id=cpu (see module doc)
-        from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+            wrapped = super()._setup_model(model)
+        else:  # CPU: FSDPStrategy._setup_model with device_id=cpu (see module doc)
+            from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 
-        wrapped = FullyShardedDataParallel(
-            module=model,
-            cpu_offload=self.cpu_offload,
-            mixed_precision=self.mixed_precision_config,
-            sharding_strategy=self.sharding_strategy,
-            device_id=torch.device("cpu"),
-            **self.kwargs,
-        )
-        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+            wrapped = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+            _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        if self.replicated:
+            # FSDP's root clip_grad_norm_ refuses to run inside the root forward (where GRACE's
+            # update runs): callers of `strategy.model.clip_grad_norm_` get ours instead
+            wrapped.clip_grad_norm_ = self.clip_grad_norm_
         return wrapped
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float | None, norm_type: float = 2.0) -> torch.Tensor:
+        """Global 2-norm of all gradients (sharded layer shards summed over ranks, replicated
+        parameters counted once), and clip them in place to ``max_norm`` (None/0: no clip).
+        Usable inside ``training_step``. Returns the norm before clipping (fp32)."""
+        if float(norm_type) != 2.0:
+            raise ValueError("GraceFSDPStrategy.clip_grad_norm_: only the 2-norm")
+        import torch.distributed as dist
+
+        replicated = {id(p) for p in self.replicated}
+        params = [p for p in self.lightning_module.parameters() if p.grad is not None]
+        zero = torch.zeros((), dtype=torch.float32, device=self.root_device)
+        sharded = [p.grad for p in params if id(p) not in replicated]
+        whole = [p.grad for p in params if id(p) in replicated]
+        sq_sharded = sum((g.float().pow(2).sum() for g in sharded), zero)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sq_sharded)
+        sq_whole = sum((g.float().pow(2).sum() for g in whole), zero)
+        total = (sq_sharded + sq_whole).sqrt()
+        if max_norm:
+            coef = torch.clamp(float(max_norm) / (total + 1e-6), max=1.0)
+            for p in params:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return total
 
     @contextlib.contextmanager
     def _cpu_safe_full_state_dicts(self) -> Iterator[None]:
@@ -122,6 +156,31 @@ class GraceFSDPStrategy(FSDPStrategy):
         finally:
             lightning_fsdp._get_full_state_dict_context = original
 
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        """Average the gradients of the replicated (non-layer) parameters over the ranks after
+        every backward, as DDP would (FSDP reduce-scatters only the sharded layers). Averaging
+        an accumulated gradient again is exact: the part already averaged is equal on every
+        rank."""
+        super().post_backward(closure_loss)
+        if self.replicated:
+            # the end-of-backward bookkeeping FSDP queues from the root's pre-backward hook,
+            # which never fires while the backward runs inside the root's forward
+            from torch.distributed.fsdp._runtime_utils import _post_backward_final_callback
+
+            _post_backward_final_callback(self.model, self.model)
+        grads = [p.grad for p in self.replicated if p.grad is not None]
+        if not grads or self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         with self._cpu_safe_full_state_dicts():
             return super().lightning_module_state_dict()
@@ -133,6 +192,21 @@ class GraceFSDPStrategy(FSDPStrategy):
     def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
         with self._cpu_safe_full_state_dicts():
             return super().load_checkpoint(checkpoint_path)
+
+
+def _params_outside(
+    model: torch.nn.Module, classes: set[type[torch.nn.Module]]
+) -> list[torch.nn.Parameter]:
+    inside = {
+        id(p) for m in model.modules() if isinstance(m, tuple(classes)) for p in m.parameters()
+    }
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():  # tied weights once
+        if id(p) not in inside and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
 
 
 def fsdp_strategy(**kwargs: Any) -> GraceFSDPStrategy:
