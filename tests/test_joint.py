@@ -99,7 +99,7 @@ def test_joint_targets_micro_losses_add_up_to_weighted_mean():
     B, K, M, D = 3, 2, 1, 4
     emb = torch.randn(B, K, D)
     q, negs = torch.randn(B, D), torch.randn(B, M, D)
-    t = JointTargets(q, negs, torch.arange(B).repeat_interleave(K), weight=0.5, tau=0.1)
+    t = JointTargets(q, negs, torch.arange(B).repeat_interleave(K), 0, weight=0.5, tau=0.1)
     rows = emb.reshape(B * K, D)
     parts = [t.micro_loss(rows[p], p, B * K) for p in torch.arange(B * K).split(4)]
     total = sum(loss for loss, _ in parts)
@@ -107,7 +107,7 @@ def test_joint_targets_micro_losses_add_up_to_weighted_mean():
     infonce = sum(s["joint/infonce"] for _, s in parts) / (B * K)
     assert infonce == pytest.approx(joint_infonce_loss(emb, q, negs, tau=0.1).item(), rel=1e-5)
     # accuracy by hand: rows at their own query -> hits; a row at another query -> miss
-    t = JointTargets(Q, None, torch.tensor([0, 1, 0]), weight=1.0, tau=1.0)
+    t = JointTargets(Q, None, torch.tensor([0, 1, 0]), 0, weight=1.0, tau=1.0)
     _, s = t.micro_loss(torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.0, 1.0]]), torch.arange(3), 3)
     assert s["joint/acc"] == 2.0
 
@@ -207,3 +207,30 @@ def test_joint_loss_gradient_reaches_the_policy(tiny_backbone):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_micro_batched_joint_loss_gives_the_unsplit_gradient(rollout):
+    """The update's contract: micro-batches with the mini-batch's normaliser = one pass."""
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+
+    _, ro, system_len = rollout
+    model, _ = load_backbone(BackboneConfig(name="tiny", source="tiny"))  # own copy: grads
+    model.eval()  # no dropout: both passes see the same function
+    n = ro.row_to_prompt.numel()
+    joint = JointTargets(
+        ro.pooled[[0, 3]] + 0.1, None, ro.row_to_prompt, system_len, weight=2.0, tau=0.1
+    )
+
+    def grads(plan):
+        model.zero_grad(set_to_none=True)
+        for rows in plan:
+            _, _, pooled = rows_logprobs_and_embedding(model, ro, rows, system_len)
+            loss, _ = joint.micro_loss(pooled, rows, n)
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole = grads([torch.arange(n)])
+    split = grads([torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.tensor([5])])
+    assert len(whole) == len(split) > 0
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

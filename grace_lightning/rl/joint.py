@@ -328,14 +328,17 @@ class JointTargets:
 
     query: (G, D) anchors of the GLOBAL batch (gathered over ranks; supervised: the queries,
     unsupervised: the self-anchors); negatives: (G, M, D) zero-padded or None; row_group: (N,)
-    index into ``query`` of each LOCAL policy row (``ro.row_to_prompt + rank * B``); weight:
-    alpha (``algo.contrastive_weight``); tau (``algo.contrastive_tau``); in_batch
-    (``algo.contrastive_in_batch``).
+    index into ``query`` of each LOCAL policy row (``ro.row_to_prompt + rank * B``);
+    system_len: ``prompter.system_len`` (the pooling skips it); weight: alpha
+    (``algo.contrastive_weight``); tau (``algo.contrastive_tau``); in_batch
+    (``algo.contrastive_in_batch``). The update runs `rows_logprobs_and_embedding` instead of
+    `update.rows_logprobs` when it has one with ``weight > 0``, and adds `micro_loss`.
     """
 
     query: Tensor
     negatives: Tensor | None
     row_group: Tensor
+    system_len: int
     weight: float
     tau: float
     in_batch: bool = True
