@@ -102,3 +102,20 @@ def test_leftover_shard_is_merged(tmp_path):
     assert not shard.exists()
     got = _cache(main).get_many(["k1"])["k1"]
     assert got.rationale == "why" and got.response_ids == [1, 2]
+
+
+def test_bf16_autocast_shim_changes_numerics_and_cache_key(tiny_backbone):
+    import torch
+
+    from grace_lightning.eval.distributed import with_autocast
+
+    model, tok = tiny_backbone
+    fp32 = GraceEncoder(model, tok, mode="base")
+    bf16 = GraceEncoder(model, tok, mode="base")
+    encode = with_autocast(bf16, "bf16")
+    a, b = fp32.encode(TEXTS), encode(TEXTS)
+    assert not np.array_equal(a, b)  # autocast was on: bf16 matmuls
+    cos = torch.nn.functional.cosine_similarity(torch.from_numpy(a), torch.from_numpy(b))
+    assert float(cos.min()) > 0.99
+    assert bf16.settings()["autocast"] == "bfloat16" and "autocast" not in fp32.settings()
+    assert model.dtype == torch.float32  # weights untouched

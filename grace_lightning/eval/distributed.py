@@ -157,7 +157,27 @@ def merge_cache_shards(main: Path, shards: Sequence[Path], delete: bool = False)
 
 
 # ----------------------------------------------------------------------------- worker
-def _worker(rank, device, threads, factory, cache, inbox, outbox) -> None:
+def with_autocast(encoder, precision: str | None):
+    """Run ``encoder.encode`` under ``torch.autocast(<its device>, bfloat16)`` (``"bf16"``),
+    fp32 weights kept; the cache key gets ``autocast`` so fp32 and bf16 rationales never mix.
+    A shim until ``GraceEncoder`` has its own autocast option; returns the encode callable."""
+    import torch
+
+    if precision in (None, "fp32", "32", "32-true"):
+        return encoder.encode
+    if precision not in ("bf16", "bf16-mixed"):
+        raise ValueError(f"precision={precision!r}: use fp32 or bf16")
+    settings = encoder.settings
+    encoder.settings = lambda: {**settings(), "autocast": "bfloat16"}
+
+    def encode(*args, **kwargs):
+        with torch.autocast(encoder.device.type, dtype=torch.bfloat16):
+            return type(encoder).encode(encoder, *args, **kwargs)
+
+    return encode
+
+
+def _worker(rank, device, threads, factory, cache, precision, inbox, outbox) -> None:
     """One process: build the encoder on ``device``, then serve requests until ``None``."""
     try:
         import torch
@@ -169,6 +189,7 @@ def _worker(rank, device, threads, factory, cache, inbox, outbox) -> None:
         encoder = factory(device=device)
         if cache is not None:
             encoder.cache = ShardCache(Path(cache), shard_cache_path(Path(cache), rank))
+        encode = with_autocast(encoder, precision)
         outbox.put(("ready", rank, None))
     except BaseException:  # noqa: BLE001 - reported to the parent, which raises
         outbox.put(("error", rank, traceback.format_exc()))
@@ -181,7 +202,7 @@ def _worker(rank, device, threads, factory, cache, inbox, outbox) -> None:
         try:
             if kind == "encode":
                 texts, args, kwargs = payload
-                emb, rationales = encoder.encode(texts, *args, **kwargs)
+                emb, rationales = encode(texts, *args, **kwargs)
                 result = (np.asarray(emb, dtype=np.float32), list(rationales))
             elif kind == "getattr":
                 value = getattr(encoder, payload)
@@ -230,6 +251,7 @@ class DistributedEncoder:
     ``system_prompt``, ``prompts``, ``max_prompt_tokens``, methods such as
     ``resolve_system_prompt``) are read from rank 0; ``stats`` sums over ranks; ``model`` is a
     weight-less stand-in with ``config`` and ``parameters()`` (meta tensors).
+    ``precision="bf16"``: each worker encodes under bf16 autocast (``with_autocast``).
     """
 
     def __init__(
@@ -239,6 +261,7 @@ class DistributedEncoder:
         *,
         devices: Sequence[str] | None = None,
         cache: str | Path | None = None,
+        precision: str | None = None,
         start_timeout: float | None = None,
     ):
         import torch.multiprocessing as mp
@@ -263,7 +286,16 @@ class DistributedEncoder:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, dev, threads, encoder_factory, self.cache_path, q, self._outbox),
+                args=(
+                    r,
+                    dev,
+                    threads,
+                    encoder_factory,
+                    self.cache_path,
+                    precision,
+                    q,
+                    self._outbox,
+                ),
                 daemon=True,
             )
             for r, (dev, q) in enumerate(zip(self.devices, self._inboxes))
@@ -443,9 +475,12 @@ def encode_distributed(
     *,
     devices: Sequence[str] | None = None,
     cache: str | Path | None = None,
+    precision: str | None = None,
     **encode_kwargs: Any,
 ):
     """One ``encode`` call over ``num_processes`` workers (started and stopped here); returns
     what ``GraceEncoder.encode(texts, **encode_kwargs)`` returns."""
-    with DistributedEncoder(encoder_factory, num_processes, devices=devices, cache=cache) as enc:
+    with DistributedEncoder(
+        encoder_factory, num_processes, devices=devices, cache=cache, precision=precision
+    ) as enc:
         return enc.encode(texts, **encode_kwargs)
