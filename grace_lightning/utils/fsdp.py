@@ -1,18 +1,35 @@
 """FSDP that shards: one FSDP unit per decoder layer, found from the backbone at wrap time.
 
-``conf/trainer/fsdp.yaml`` builds :func:`fsdp_strategy`. Without an auto-wrap policy, FSDP
-makes the whole LightningModule one unit: every parameter is gathered for the whole step and
-nothing is sharded in practice. Here the policy is the backbone's ``_no_split_modules``
+``conf/trainer/fsdp*.yaml`` build :func:`fsdp_strategy`. Without an auto-wrap policy, FSDP makes
+the whole LightningModule one unit: every parameter is gathered for the whole step and nothing
+is sharded in practice. Here the policy is the backbone's ``_no_split_modules``
 (``LlamaDecoderLayer``, ``Qwen2DecoderLayer``, ...; :func:`grace_lightning.models.backbone.decoder_layer_classes`),
-resolved from the model when Lightning wraps it, so one config fits every backbone. The
-same classes can get activation checkpointing (``activation_checkpointing: true``).
+resolved from the model when Lightning wraps it, so one config fits every backbone; the same
+classes can get activation checkpointing (``activation_checkpointing: true``).
 
-:class:`GraceFSDPStrategy` also runs on CPU (gloo), for tests: Lightning refuses
-``FSDPStrategy`` with ``accelerator=cpu`` by an exact type check and passes ``device_id=None``,
-which torch's FSDP rejects on a machine without an accelerator ("FSDP needs a non-CPU
-accelerator device"); with ``device_id=cpu`` torch 2.x FSDP runs on gloo. Full state dicts on
-CPU are gathered without ``offload_to_cpu`` (offloading a CPU tensor to the CPU frees the
-gathered storage under itself: a segfault in torch 2.13).
+GRACE's update runs inside ``training_step``, which Lightning calls INSIDE the FSDP root's
+forward, and it calls ``backward`` and ``optimizer.step`` several times there. FSDP (torch
+2.13, FSDP1) refuses a backward through the root's own parameters while the root is in its
+forward ("Expects BACKWARD_PRE or BACKWARD_POST state but got HandleTrainingState.FORWARD"),
+its end-of-backward bookkeeping is queued only by the root's pre-backward hook (which never
+fires), and its ``clip_grad_norm_`` asserts the root is idle. So :class:`GraceFSDPStrategy`:
+
+- gives the root unit no parameter: everything outside the decoder layers (embeddings, tied or
+  separate LM head, final norm: ~15 % of Qwen2.5-1.5B) is kept whole on every rank
+  (``ignored_states``) and its gradients are averaged over the ranks after every backward
+  (:meth:`GraceFSDPStrategy.post_backward`), as DDP does; the layers are sharded;
+- runs FSDP's end-of-backward bookkeeping after every backward (``post_backward``);
+- clips over all shards (sharded squares summed over ranks + replicated counted once) with
+  :meth:`GraceFSDPStrategy.clip_grad_norm_`, also reachable as ``strategy.model.clip_grad_norm_``.
+
+``tests/test_fsdp.py`` checks that GRACE under ``trainer=fsdp_cpu`` ends with the weights of
+``trainer=ddp_cpu``. It also runs on CPU (gloo): Lightning refuses ``FSDPStrategy`` with
+``accelerator=cpu`` by an exact type check and passes ``device_id=None``, which torch's FSDP
+rejects without an accelerator ("FSDP needs a non-CPU accelerator device"); with
+``device_id=cpu`` torch 2.13 FSDP runs on gloo. Full state dicts on CPU are gathered without
+``offload_to_cpu`` (offloading a CPU tensor to the CPU frees the gathered storage under itself:
+a segfault). The export (``callbacks/export.py``) gathers the full state dict on every rank and
+rank 0 writes an unsharded copy. GPU check: ``bench/gpu_check_fsdp.sh``.
 """
 
 from __future__ import annotations
