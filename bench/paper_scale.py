@@ -659,7 +659,8 @@ class Coeffs:
     kappa_full: float = 1.0  # measured / saved bytes of the layer activations, full FT
     kappa_lora: float = 1.0  # same, LoRA
     grad_extra: float = 2.0  # bytes per trainable layer param beyond its fp32 grad (bf16 grads)
-    lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry)
+    lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry), forward
+    lm_bwd: float = 30.0  # same, the chunk's recompute + gradient at the start of the backward
     sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
     prefill: float = 1.0  # scale on the analytic no-grad prefill transient per prompt token
     update_const: float = 0.0  # bytes (framework overhead seen in the update phase)
@@ -766,19 +767,23 @@ def forward_parts(
     c: Coeffs,
     lay: LayerSaved,
     vocab_chunk: int | None,
+    backward: bool = False,
 ) -> dict[str, float]:
-    """What one micro-batch's loss forward keeps for its backward (bytes per GPU)."""
+    """What one micro-batch's loss forward keeps for its backward, plus the LM-head chunk's
+    transient: in the forward, or (``backward``) recomputed with its gradient as the backward
+    starts (bytes per GPU)."""
     tokens, resp, _ = micro_tokens(rows, k, prompt_len, response_len, st)
     kappa = c.kappa_lora if st.lora else c.kappa_full
     a = lay.per_token(st.lora)
-    if st.gc:  # layer inputs (fp32 residual) kept, one layer recomputed at a time
-        act = kappa * (layers * 4 * s.hidden * tokens + a * tokens)
+    if st.gc:  # layer inputs (fp32 residual) kept; the backward recomputes one layer at a time
+        act = kappa * (layers * 4 * s.hidden * tokens + (a * tokens if backward else 0.0))
     else:
         act = kappa * layers * a * tokens
     chunk = resp if vocab_chunk is None else min(resp, vocab_chunk)
     parts = {
         "activations": act,
-        "lm_head": c.lm * chunk * s.vocab + 8 * s.hidden * resp,  # chunk logits + hidden states
+        # chunk logits (+ their gradient in the backward) + the response hidden states
+        "lm_head": (c.lm_bwd if backward else c.lm) * chunk * s.vocab + 8 * s.hidden * resp,
     }
     if not st.gc and st.share_prompt:  # each row's gathered prompt K/V, saved by attention
         parts["kv_gather"] = rows * prompt_len * s.kv_bytes_per_token(layers)
@@ -810,7 +815,9 @@ def update_parts(
     grads = 4 * t / st.devices
     # bf16 gradients of the bf16 weight casts, alive until converted into the fp32 grads
     extra = c.grad_extra * (t - (0 if st.lora else s.embed_params())) / st.devices
-    fwd = forward_parts(s, layers, st, rows, k, prompt_len, response_len, c, lay, vocab_chunk)
+    fwd = forward_parts(
+        s, layers, st, rows, k, prompt_len, response_len, c, lay, vocab_chunk, backward=True
+    )
     parts = {"const": c.update_const}
     if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
         parts["tied_grad"] = 6 * s.embed_params()
@@ -974,6 +981,7 @@ FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps 
     ("kappa_full", 1.0, 1.0, 4.0),
     ("kappa_lora", 1.0, 1.0, 4.0),
     ("lm", 20.0, 0.0, 200.0),
+    ("lm_bwd", 30.0, 0.0, 200.0),
     ("sample", 30.0, 0.0, 400.0),
     ("prefill", 1.0, 0.0, 10.0),
     ("grad_extra", 2.0, 0.0, 12.0),

@@ -63,6 +63,7 @@ def test_fit_recovers_known_coefficients_and_predicts_held_out_points():
         kappa_lora=1.2,
         grad_extra=4.5,
         lm=14.0,
+        lm_bwd=25.0,
         sample=45.0,
         prefill=0.7,
         update_const=0.05 * ps.GIB,
