@@ -41,6 +41,10 @@ NUMERIC_KEYS: dict[str, str] = {
     "algo.beta": "float",
     "algo.micro_batch_size": "int?",
     "algo.max_tokens_per_micro_batch": "int?",
+    "algo.contrastive_weight": "float",
+    "algo.contrastive_tau": "float",
+    "reward.overlong_buffer": "int?",
+    "reward.overlong_penalty_factor": "float",
     "data.prompts_per_step": "int",
     "data.max_examples": "int?",
     "data.val_fraction": "float",
@@ -66,6 +70,7 @@ BOOL_KEYS = (
     "rollout.ignore_eos",
     "algo.share_prompt",
     "algo.dynamic_sampling",
+    "algo.contrastive_in_batch",
     "optim.master_weights_fp32",
     "model.gradient_checkpointing",
     "trainer.enable_progress_bar",
@@ -145,8 +150,11 @@ def validate(cfg: DictConfig) -> None:
         )
     if a.scale_rewards not in ("none", "group", "batch"):
         raise ConfigError(f"algo.scale_rewards={a.scale_rewards!r}: use none, group or batch")
-    if rw.get("truncation", "replace") not in ("replace", "mask", "off"):
-        raise ConfigError(f"reward.truncation={rw.truncation!r}: use replace, mask or off")
+    from grace_lightning.rl.joint import validate_joint_config
+    from grace_lightning.rl.rewards import validate_truncation_config
+
+    validate_joint_config(a, ConfigError)
+    validate_truncation_config(rw, r.max_new_tokens, ConfigError)
     if cfg.prompt.max_prompt_tokens < 8:
         raise ConfigError("prompt.max_prompt_tokens is too small to hold the chat template")
     model = cfg.get("model") or {}

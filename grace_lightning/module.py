@@ -34,6 +34,8 @@ from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rl import advantages as adv_fns
 from grace_lightning.rl import rewards as reward_fns
+from grace_lightning.rl.diagnostics import collapse_metrics
+from grace_lightning.rl.joint import JointTargets
 from grace_lightning.rl.precision import autocast_off
 from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
@@ -161,7 +163,8 @@ class GraceModule(L.LightningModule):
             policy_emb = rollouts.embeddings.view(b, k, -1).float()  # (B, K, D)
             truncated = rollouts.truncated.view(b, k)  # (B, K)
             terms = self.compute_rewards(policy_emb, anchors)  # each (B, K), as GRPO's
-            rewards, loss_weight = self._truncate(terms["total"], truncated)  # (B, K)
+            lengths = rollouts.lengths.view(b, k)  # (B, K) response tokens (soft length rule)
+            rewards, loss_weight = self._truncate(terms["total"], truncated, lengths)  # (B, K)
             baseline = self.remax_baseline(policy_emb, anchors) if self._remax else None  # (B,)
             # over the GLOBAL batch, then this rank's groups: batch-normalising estimators
             # (scale_rewards=batch, REINFORCE++) see what a single process would see
@@ -195,7 +198,10 @@ class GraceModule(L.LightningModule):
             return None
 
         t0 = time.perf_counter()
-        metrics.update(self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1)))
+        joint = self.joint_targets(rollouts, anchors, b)
+        metrics.update(
+            self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1), joint=joint)
+        )
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
         metrics["skipped_steps"] = float(self.skipped_steps)
@@ -204,12 +210,19 @@ class GraceModule(L.LightningModule):
         self.maybe_log_table(batch, rollouts, terms, rewards, advantages)
         return None
 
-    def _truncate(self, total: torch.Tensor, truncated: torch.Tensor):
+    def _truncate(self, total: torch.Tensor, truncated: torch.Tensor, lengths: torch.Tensor):
+        """reward.truncation's rule (``rewards.apply_truncation``). total, truncated,
+        lengths: (B, K). -> rewards (B, K), loss weights (B, K)."""
+        c = self.reward_cfg
         return reward_fns.apply_truncation(
             total,
             truncated,
-            mode=self.reward_cfg.get("truncation", "replace"),
-            value=self.reward_cfg.get("truncation_value", -1.0),
+            mode=c.get("truncation", "replace"),
+            value=c.get("truncation_value", -1.0),
+            lengths=lengths,
+            max_len=int(self.rollout_cfg["max_new_tokens"]),
+            buffer=c.get("overlong_buffer"),
+            penalty_factor=float(c.get("overlong_penalty_factor", 1.0)),
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
@@ -219,7 +232,9 @@ class GraceModule(L.LightningModule):
         b = len(rollouts.prompt_ids)
         with autocast_off():
             terms = self.compute_rewards(rollouts.embeddings.view(b, k, -1).float(), anchors)
-            rewards, _ = self._truncate(terms["total"], rollouts.truncated.view(b, k))
+            rewards, _ = self._truncate(
+                terms["total"], rollouts.truncated.view(b, k), rollouts.lengths.view(b, k)
+            )
         metrics = {"val/reward": torch.nanmean(rewards)}
         metrics.update({f"val/rewards/{n}/mean": t.mean() for n, t in terms.items()})
         metrics["val/completions/mean_length"] = rollouts.lengths.float().mean()
@@ -261,6 +276,7 @@ class GraceModule(L.LightningModule):
         if greedy:
             anchors["greedy"] = out.embeddings[rows + len(anchor_texts) :]  # (B, D)
             anchors["greedy_truncated"] = out.truncated[rows + len(anchor_texts) :]  # (B,)
+            anchors["greedy_lengths"] = out.lengths[rows + len(anchor_texts) :]  # (B,)
         if self.reward_cfg["mode"] == "sup":
             anchors["query"] = anchor_emb[:b]
             anchors["negatives"] = _pad_negatives(
@@ -358,15 +374,51 @@ class GraceModule(L.LightningModule):
         k = policy_emb.size(1)
         with_greedy = torch.cat([policy_emb, anchors["greedy"].float()[:, None]], dim=1)
         total = self.compute_rewards(with_greedy, anchors)["total"][:, k]  # (B,)
-        base, _ = self._truncate(total[:, None], anchors["greedy_truncated"][:, None])
+        base, _ = self._truncate(
+            total[:, None], anchors["greedy_truncated"][:, None], anchors["greedy_lengths"][:, None]
+        )
         return base[:, 0]
 
     # ------------------------------------------------------------------ 4. update
-    def update(self, ro: RolloutBatch, advantages: torch.Tensor, loss_weight: torch.Tensor) -> dict:
-        """PPO-clip over mini-batches of whole groups, micro-batched: ``rl/update.py``."""
+    def joint_targets(self, ro: RolloutBatch, anchors: dict, b: int) -> JointTargets | None:
+        """The joint InfoNCE's stop-gradient targets (``rl/joint.py``), or None when
+        ``algo.contrastive_weight`` is 0 (the paper). Anchors over the GLOBAL batch: every
+        rank's queries (+ hard negatives) are candidates; this rank's rows point at its own
+        block (``row_to_prompt + rank * B``). Unsupervised: the self-anchors, no negatives.
+        """
+        a = self.algo_cfg
+        alpha = float(a.get("contrastive_weight", 0.0))
+        if alpha <= 0:
+            return None
+        with autocast_off():
+            if self.reward_cfg["mode"] == "sup":
+                query = self._gather(anchors["query"]).float()  # (B_global, D)
+                negs = self._gather(anchors["negatives"]).float()  # (B_global, M, D)
+            else:
+                query, negs = self._gather(anchors["anchor"]).float(), None
+        offset = self.global_rank * b if self.trainer.world_size > 1 else 0
+        return JointTargets(
+            query,
+            negs,
+            ro.row_to_prompt + offset,  # (N,) index into query
+            self.prompter.system_len,
+            weight=alpha,
+            tau=float(a.get("contrastive_tau", 0.05)),
+            in_batch=bool(a.get("contrastive_in_batch", True)),
+        )
+
+    def update(
+        self,
+        ro: RolloutBatch,
+        advantages: torch.Tensor,
+        loss_weight: torch.Tensor,
+        joint: JointTargets | None = None,
+    ) -> dict:
+        """PPO-clip over mini-batches of whole groups, micro-batched: ``rl/update.py``
+        (plus ``joint``'s alpha * InfoNCE when set)."""
         cfg = UpdateConfig.from_cfg(self.algo_cfg, self.rollout_cfg, self.optim_cfg)
         updater = PolicyUpdater(cfg, self.policy, self.update_hooks(), reference=self._reference)
-        out = updater.update(ro, advantages, loss_weight)
+        out = updater.update(ro, advantages, loss_weight, joint=joint)
         self.skipped_steps += updater.skipped
         out["lr"] = self.optimizers().param_groups[0]["lr"]
         return out
@@ -478,6 +530,17 @@ class GraceModule(L.LightningModule):
             m[f"rewards/{name}/std"] = float(_nanstd(t))
             if name != "total":
                 m[f"rewards/{name}/group_std"] = float(reward_fns.group_std(t).mean())
+        # collapse diagnostics (rl/diagnostics.py) over the gathered batch; ids padded by
+        # _gather get mask 0, so the padding never counts as text
+        b, k = len(ro.prompt_ids), self.rollout_cfg["num_generations"]
+        m.update(
+            collapse_metrics(
+                self._gather(ro.response_ids),
+                self._gather(ro.response_mask),
+                self._gather(ro.embeddings.view(b, k, -1).float()),
+                k,
+            )
+        )
         return m
 
     def maybe_log_table(self, batch, ro, terms, rewards, advantages):

@@ -101,7 +101,7 @@ def test_training_logs_dev_scores_and_checkpoint_keeps_the_best(tmp_path, monkey
         [
             *TINY,
             "trainer.max_steps=6",  # 3 rollout batches of 2 optimiser steps
-            "+dev=default",
+            "dev=default",
             "callbacks.dev_eval.max_samples=6",
             "callbacks.dev_eval.every_n_rollout_batches=1",
             f"callbacks.dev_eval.export_best_dir={tmp_path}/export_best",
@@ -153,7 +153,7 @@ def test_real_scores_in_a_tiny_run(tmp_path, method, mode):
             *TINY,
             *steps,
             f"method={method}",
-            "+dev=default",
+            "dev=default",
             "callbacks.dev_eval.max_samples=4",
             "callbacks.dev_eval.every_n_rollout_batches=1",
         ],

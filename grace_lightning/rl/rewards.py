@@ -213,12 +213,47 @@ def unsupervised_rewards(
 # ----------------------------------------------------------------------------- truncation
 
 
+TRUNCATION_MODES = ("replace", "mask", "soft", "off")
+
+
+def overlong_buffer_tokens(buffer: int | None, max_len: int) -> int:
+    """L_cache in tokens: ``buffer``, or with None DAPO's ratio (4096 of 20480 = 20%) of
+    ``max_len``, at least 1."""
+    return int(buffer) if buffer is not None else max(1, round(0.2 * int(max_len)))
+
+
+@full_precision
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476 §3.4, overlong reward shaping), times ``factor``.
+
+        R_length(y) = 0                                  |y| <= L_max - L_cache
+                    = ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+                    = -1                                 |y| > L_max
+
+    lengths: (...) response tokens |y| (EOS included, as the rollout counts them); max_len:
+    L_max (``rollout.max_new_tokens``); buffer: L_cache >= 1 (``reward.overlong_buffer``);
+    factor: ``reward.overlong_penalty_factor`` (verl ``overlong_buffer.penalty_factor``).
+    Returns float32 (...) in [-factor, 0]; a response cut off at L_max gets -factor.
+    verl: ``min(-(|y| - (L_max - L_cache)) / L_cache * factor, 0)``.
+    """
+    if buffer < 1 or buffer > max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    y = _f32(lengths)
+    ramp = ((max_len - buffer) - y) / buffer  # (...) > 0 before the buffer, -1 at L_max
+    return ramp.clamp(min=-1.0, max=0.0) * float(factor)
+
+
 @full_precision
 def apply_truncation(
     rewards: Tensor,
     truncated: Tensor,
-    mode: Literal["replace", "mask", "off"] = "replace",
+    mode: Literal["replace", "mask", "soft", "off"] = "replace",
     value: float = -1.0,
+    *,
+    lengths: Tensor | None = None,
+    max_len: int | None = None,
+    buffer: int | None = None,
+    penalty_factor: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """Handle responses that hit the length limit without EOS.
 
@@ -233,10 +268,21 @@ def apply_truncation(
                 its group's mean/std (nan-mean) and gives it advantage 0. It is treated as if it
                 had never been sampled. (TRL keeps such rewards in the group mean; we do not.)
                 Reward logging must then use nan-aware reductions.
+            "soft": DAPO's soft overlong punishment (`overlong_penalty`) ADDED to every
+                rollout's reward, truncated or not: 0 up to ``max_len - buffer`` tokens, then a
+                linear ramp to ``-penalty_factor`` at ``max_len`` (a cut-off response gets
+                ``-penalty_factor``, NOT divided by tau). Its reward terms are kept, so a
+                truncated rollout still ranks within its group; loss weight 1. Needs
+                ``lengths`` and ``max_len``. verl ``reward_model.overlong_buffer``.
             "off": unchanged, loss weight 1.
+        value: the "replace" reward.
+        lengths: (B, K) response tokens of each rollout (mode "soft").
+        max_len: L_max = ``rollout.max_new_tokens`` (mode "soft").
+        buffer: L_cache tokens (mode "soft"); None = 20% of ``max_len`` (DAPO's 4096 / 20480).
+        penalty_factor: the penalty's scale (mode "soft"; DAPO/verl 1.0).
 
     Returns:
-        rewards (B, K), loss_weight (B, K) float (multiply it into the token mask).
+        rewards (B, K) float32, loss_weight (B, K) float (multiply it into the token mask).
     """
     rewards, truncated = _f32(rewards), truncated.bool()
     ones = torch.ones_like(rewards)
@@ -244,6 +290,34 @@ def apply_truncation(
         return rewards.masked_fill(truncated, value), ones
     if mode == "mask":
         return rewards.masked_fill(truncated, float("nan")), (~truncated).to(rewards.dtype)
+    if mode == "soft":
+        if lengths is None or max_len is None:
+            raise ValueError("truncation mode 'soft' needs the rollouts' lengths and max_len")
+        cache = overlong_buffer_tokens(buffer, max_len)
+        penalty = overlong_penalty(lengths.view(rewards.shape), max_len, cache, penalty_factor)
+        return rewards + penalty, ones
     if mode == "off":
         return rewards, ones
-    raise ValueError(f"mode must be 'replace', 'mask' or 'off', got {mode!r}")
+    raise ValueError(f"mode must be one of {TRUNCATION_MODES}, got {mode!r}")
+
+
+def validate_truncation_config(reward, max_new_tokens: int, error: type[Exception] = ValueError):
+    """Startup checks of ``reward.truncation`` and, for ``soft``, ``reward.overlong_buffer`` /
+    ``reward.overlong_penalty_factor``. Raises ``error(what to change)``."""
+    mode = reward.get("truncation", "replace")
+    if mode not in TRUNCATION_MODES:
+        raise error(f"reward.truncation={mode!r}: use replace, mask, soft or off")
+    buffer = reward.get("overlong_buffer")
+    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int)):
+        raise error(f"reward.overlong_buffer={buffer!r}: a whole number of tokens, or null")
+    factor = reward.get("overlong_penalty_factor", 1.0)
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 0:
+        raise error(f"reward.overlong_penalty_factor={factor!r}: use a number >= 0 (DAPO/verl 1.0)")
+    if mode != "soft" or buffer is None:
+        return
+    if not 1 <= buffer <= max_new_tokens:
+        raise error(
+            f"reward.overlong_buffer={buffer}: the soft penalty's ramp (DAPO L_cache) must be "
+            f"1..rollout.max_new_tokens={max_new_tokens} tokens; set reward.overlong_buffer to "
+            f"at most {max_new_tokens}, or null (20% of rollout.max_new_tokens, DAPO's ratio)"
+        )

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from grace_lightning.rl.joint import JointTargets, rows_logprobs_and_embedding
 from grace_lightning.rl.losses import clipped_policy_loss, kl_k3
 from grace_lightning.rl.policy import response_logprobs
 from grace_lightning.rl.precision import autocast_off
@@ -314,6 +315,7 @@ TOKEN_WEIGHTED = (
     "entropy",
     "kl",
 )
+JOINT_ROW_WEIGHTED = ("joint/infonce", "joint/acc")  # summed per row; logged / mini-batch rows
 
 
 class PolicyUpdater:
@@ -343,8 +345,11 @@ class PolicyUpdater:
         return [(ro.row_to_prompt == i).nonzero().flatten() for i in prompts]
 
     # -- the whole rollout batch
-    def update(self, ro, advantages: Tensor, loss_weight: Tensor) -> dict[str, float]:
-        """ro: RolloutBatch (P prompts, N rows); advantages: (N,) or (N, R); loss_weight: (N,).
+    def update(
+        self, ro, advantages: Tensor, loss_weight: Tensor, joint: JointTargets | None = None
+    ) -> dict[str, float]:
+        """ro: RolloutBatch (P prompts, N rows); advantages: (N,) or (N, R); loss_weight: (N,);
+        joint: the joint InfoNCE's targets (``rl/joint.py``; None or weight 0 = the paper).
 
         Returns this rank's metrics averaged over the optimiser steps, plus ``grad_norm``
         (global), ``update_skipped`` (steps skipped here) and, reduced over ranks,
@@ -377,7 +382,9 @@ class PolicyUpdater:
         for _ in range(c.num_iterations):
             for start in range(0, num_prompts, c.prompts_per_minibatch):
                 groups = all_groups[start : start + c.prompts_per_minibatch]
-                stats, norm, ok = self.step(ro, groups, costs, mask_all, advantages, old, ref)
+                stats, norm, ok = self.step(
+                    ro, groups, costs, mask_all, advantages, old, ref, joint=joint
+                )
                 per_step.append(stats)
                 if ok:
                     norms.append(norm)
@@ -400,7 +407,7 @@ class PolicyUpdater:
         return out
 
     # -- one optimiser step
-    def step(self, ro, groups, costs, mask_all, advantages, old, ref):
+    def step(self, ro, groups, costs, mask_all, advantages, old, ref, joint=None):
         """Accumulate one mini-batch's gradient over its micro-batches, then step or skip."""
         c, h = self.cfg, self.hooks
         rows = torch.cat(groups)
@@ -418,7 +425,9 @@ class PolicyUpdater:
         for i, micro in enumerate(plan):
             last = i == len(plan) - 1
             with nullcontext() if last else h.no_sync():
-                loss, m = self.micro_loss(ro, micro, mask_all, advantages, old, ref, norm)
+                loss, m = self.micro_loss(
+                    ro, micro, mask_all, advantages, old, ref, norm, joint=joint
+                )
                 h.backward(loss)
             acc.add("loss", loss.detach())
             for name, value in m.items():
@@ -443,14 +452,34 @@ class PolicyUpdater:
         for name in TOKEN_WEIGHTED:
             if name in acc.sums:
                 stats[name] = acc.sums[name] / denom if denom > 0 else 0.0
+        for name in JOINT_ROW_WEIGHTED:  # per-row means over the mini-batch's rows
+            if name in acc.sums:
+                stats[name] = acc.sums[name] / len(rows)
         return stats, grad_norm, ok
 
-    def micro_loss(self, ro, rows, mask_all, advantages, old, ref, norm: _Normalisers):
-        """This micro-batch's share of the mini-batch loss, and token-weighted metric sums."""
+    def micro_loss(self, ro, rows, mask_all, advantages, old, ref, norm: _Normalisers, joint=None):
+        """This micro-batch's share of the mini-batch loss, and token-weighted metric sums.
+
+        With ``joint`` (weight > 0) the same forward also pools each row's embedding and the
+        loss gains ``joint.micro_loss`` (alpha * InfoNCE, per-row mean over the mini-batch).
+        It is NOT multiplied by ``loss_weight``: a truncated or zero-variance group still
+        carries contrastive signal.
+        """
         c = self.cfg
-        logp, entropy = rows_logprobs(
-            self.policy, ro, rows, share_prompt=c.share_prompt, with_entropy=True
-        )  # (n, r)
+        pooled = None
+        if joint is not None and joint.weight > 0:
+            logp, entropy, pooled = rows_logprobs_and_embedding(
+                self.policy,
+                ro,
+                rows,
+                joint.system_len,
+                share_prompt=c.share_prompt,
+                with_entropy=True,
+            )  # (n, r), (n, r), (n, D)
+        else:
+            logp, entropy = rows_logprobs(
+                self.policy, ro, rows, share_prompt=c.share_prompt, with_entropy=True
+            )  # (n, r)
         r = logp.size(1)
         with autocast_off():  # the forward above ran under the trainer's autocast; not the loss
             logp = logp.float()
@@ -482,4 +511,8 @@ class PolicyUpdater:
                 kl_sum = (kl * mask).sum()
                 loss = loss + c.beta * kl_sum / norm.tokens.clamp(min=1e-8)  # masked mean (mb)
                 sums["kl"] = float(kl_sum.detach())
+            if pooled is not None:
+                joint_loss, joint_sums = joint.micro_loss(pooled, rows, norm.rows)
+                loss = loss + joint_loss
+                sums.update(joint_sums)
         return loss, sums
