@@ -1173,7 +1173,12 @@ def print_fit_report(rows: list[dict]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------- drivers
 # layer_saved_bytes() on this project's CPU (torch 2.13, transformers 5.24): --predict-only uses
 # these; a measuring run recomputes them (seconds)
-LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {}
+LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {  # bytes: full per token, weights; LoRA same
+    "qwen": LayerSaved(119864, 93597696, 158996, 88471552),
+    "qwen3b": LayerSaved(151624, 154157056, 199972, 145129472),
+    "llama": LayerSaved(162920, 201351168, 202052, 171323392),
+    "qwen3": LayerSaved(196904, 201872384, 240132, 171994112),
+}
 DEFAULT_COEFFS = Coeffs()
 
 

@@ -183,3 +183,11 @@ def test_phase_peaks_nest_and_exclude():
     assert peaks.peak["step"] >= 1.9 * size and peaks.peak["counted"] >= 0.9 * size
     # the excluded phase's 2x never reaches "outer"; the counted phase's 1x does
     assert 0.9 * size <= peaks.peak["outer"] < 1.5 * size
+
+
+def test_layer_saved_bytes_counts_bf16_weight_casts_and_grows_with_tokens():
+    # autocast without its weight cache (Lightning): every projection's bf16 cast (2 B/weight)
+    # is saved for the input gradient; activations add a positive amount per token
+    saved = ps.layer_saved_bytes(ps.TINY, lora=False)
+    assert saved["weights"] == pytest.approx(2 * ps.TINY.layer_linear_params(), rel=0.05)
+    assert saved["per_token"] > 10 * ps.TINY.hidden
