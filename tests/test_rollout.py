@@ -208,8 +208,10 @@ def test_budget_that_cannot_hold_one_row_fails_with_what_to_change(tiny_backbone
     prompt = pr.encode(TEXTS[:1])
     with pytest.raises(ValueError, match="max_kv_tokens=80.*rollout.max_new_tokens=64"):
         engine.generate(prompt, 1, 1.0, pr.system_len, seeds=[0])
-    with pytest.raises(ValueError, match="max_rows_per_batch=-1"):
-        HFRolloutEngine(model, tok, max_rows_per_batch=-1)
+    with pytest.raises(ValueError, match="max_rows_per_batch=0"):
+        HFRolloutEngine(model, tok, max_rows_per_batch=0)
+    with pytest.raises(ValueError, match="max_kv_tokens=0"):
+        HFRolloutEngine(model, tok, max_kv_tokens=0)
 
 
 def test_progress_hook_counts_rows_up_to_the_total(tiny_backbone):

@@ -46,6 +46,11 @@ def check_budget(
             f"rollout.max_rows_per_batch={max_rows_per_batch}: set it to >= 1 rows, or null for "
             "no row limit"
         )
+    if max_kv_tokens is not None and max_kv_tokens < 1:
+        raise ValueError(
+            f"rollout.max_kv_tokens={max_kv_tokens}: set it to >= prompt.max_prompt_tokens + "
+            "rollout.max_new_tokens, or null for no KV limit"
+        )
     if max_kv_tokens is not None and longest + max_new_tokens > max_kv_tokens:
         raise ValueError(
             f"rollout.max_kv_tokens={max_kv_tokens} cannot hold one row: a {longest}-token "

@@ -197,8 +197,8 @@ class HFRolloutEngine:
         self.eos_ids = eos_token_ids or _eos(model, tokenizer)
         self.ignore_eos = ignore_eos  # always run max_new_tokens (benchmarks; vLLM's ignore_eos)
         self.pad_id = tokenizer.pad_token_id
-        self.max_rows_per_batch = max_rows_per_batch or None  # 0 / None = no limit
-        self.max_kv_tokens = max_kv_tokens or None
+        self.max_rows_per_batch = max_rows_per_batch  # None = no limit
+        self.max_kv_tokens = max_kv_tokens
         self.share_prompt_kv = share_prompt_kv
         self.share_prefix = share_prefix
         self.progress = progress
