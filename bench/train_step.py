@@ -206,8 +206,9 @@ class GraceRewardForTRL:
 
     __name__ = "grace"
 
-    def __init__(self, tokenizer, prompter, k: int, new_tokens: int):
+    def __init__(self, tokenizer, prompter, k: int, new_tokens: int, precision: str):
         self.tokenizer, self.prompter, self.k, self.r = tokenizer, prompter, k, new_tokens
+        self.precision = precision  # the reward's own passes run at the trainer's precision
         self.model = None
         self.generate = None  # the model's own generate (not the timed wrapper)
         self.seconds: list[float] = []
@@ -226,7 +227,7 @@ class GraceRewardForTRL:
         anchor_ids = pr.encode(list(query[::k]) + list(negative[::k]))  # (2B) queries, negatives
         was = self.model.training
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast(self.precision):
             batch = tok.pad({"input_ids": anchor_ids}, return_tensors="pt", padding_side="left")
             out = self.generate(
                 **batch,
@@ -307,7 +308,7 @@ def run_trl(args) -> dict:
         dataloader_num_workers=0,
         seed=0,
     )
-    reward = GraceRewardForTRL(tok, pr, args.k, r)
+    reward = GraceRewardForTRL(tok, pr, args.k, r, args.precision)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -332,16 +333,24 @@ def run_trl(args) -> dict:
     reward.model, reward.generate = inner, inner.generate
     gen_seconds: list[float] = []
     prompt_lengths: list[int] = []
+    in_generate, autocast_seen = [False], set()
+
+    def autocast_probe(module, inputs):  # is TRL's rollout under autocast? (bf16 runs)
+        if in_generate[0]:
+            autocast_seen.add(torch.is_autocast_enabled("cpu"))
+
+    inner.get_decoder().layers[0].register_forward_pre_hook(autocast_probe)
 
     def timed_generate(*a, **kw):  # TRL's rollout: the policy's completions
-        ids = kw.get("input_ids", a[0] if a else None)
-        if ids is not None and "attention_mask" in kw:
+        if "attention_mask" in kw:
             prompt_lengths.extend(kw["attention_mask"].sum(-1).tolist())
+        in_generate[0] = True
         t0 = time.perf_counter()
         try:
             return reward.generate(*a, **kw)
         finally:
             gen_seconds.append(time.perf_counter() - t0)
+            in_generate[0] = False
 
     inner.generate = timed_generate
     trainer.train()
@@ -358,6 +367,7 @@ def run_trl(args) -> dict:
     res = {k: statistics.median(p[k] for p in per_step) for k in per_step[0]}
     res["steps"] = steps
     res["peak_rss_gb"] = peak_rss_gb()
+    res["rollout_autocast"] = sorted(autocast_seen)
     if prompt_lengths:
         res["prompt_tokens"] = [min(prompt_lengths), max(prompt_lengths)]
     return res
@@ -511,6 +521,11 @@ def main():
     row(f"update GFLOP/s (% {args.precision} update mm)", frac("update", "update"))
 
     print()
+    t = results.get("trl", {})
+    if args.precision == "bf16" and "rollout_autocast" in t and t["rollout_autocast"] != [True]:
+        print(f"NOTE: TRL's rollout ran with autocast={t['rollout_autocast']} (not all bf16)")
+    if "prompt_tokens" in t:
+        print(f"TRL's policy prompts: {t['prompt_tokens'][0]}-{t['prompt_tokens'][1]} tokens")
     g = results.get("grace", {})
     for other in ("trl", "reference"):
         o = results.get(other, {})
