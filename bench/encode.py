@@ -1,22 +1,32 @@
-"""Throughput of GraceEncoder's rationale mode on the embedded default, next to a bare reference.
+"""Evaluation throughput: texts/s and rationale tokens/s, base and rationale mode, fp32 and bf16,
+with and without the shared system-prompt prefix, at several batch sizes.
 
-    python bench/encode.py [--texts 64] [--new-tokens 64] [--batch-size 16] [--device cpu|cuda]
+    python bench/encode.py [--texts 64] [--new-tokens 64] [--batch-sizes 8,32,64]
+                           [--precisions fp32,bf16] [--device cpu|cuda] [--texts-file F]
 
-Same shape on every row: the same texts (STS12 sentences from ../shared/data, else synthetic),
-length-sorted into the same batches, every response exactly ``--new-tokens`` long (EOS ignored).
-- generate:   bare ``model.generate`` (sampling, T=1, top_p=1), no pooling, no cache;
-- engine:     the sampler alone (``HFRolloutEngine``, one shared generator, embeddings pooled in
-              the sampling pass), for reference;
-- rationale:  ``GraceEncoder.encode`` in rationale mode, cold cache (the engine with per-text
-              seeds, decoding, storing in the SQLite cache). Goal: <= 1.2x generate;
-- cached:     the same call again from a fresh encoder on the same cache. Goal: >= 20x faster
-              than the cold pass;
-- base:       base mode (no rationale), for scale.
+Texts: short STS-B sentences (``../shared/data/stsb/train.jsonl``, as a user encoding STS-B would),
+else STS12, else synthetic; length-sorted into batches as ``GraceEncoder`` does. Every rationale
+runs exactly ``--new-tokens`` tokens (EOS ignored) so every row does the same work.
+
+- base:      ``embedding.encode_prompts`` (prompt pooling, no rationale): texts/s;
+- rationale: ``HFRolloutEngine.generate`` with per-text seeds, embeddings pooled in the sampling
+             pass (what ``GraceEncoder`` runs in rationale mode): texts/s and generated tokens/s;
+- prefix:    ``share_prefix=True`` runs the system prompt + chat header (~40 tokens, most of a
+             short sentence's prompt) once and reuses its KV for every text; ``False`` runs it for
+             every text. Printed ``n/a`` when the installed engine has no such knob;
+- bf16:      ``torch.autocast(<device>, bfloat16)`` over the fp32 weights (``trainer=cpu_bf16``'s
+             numerics).
+
+For each (mode, precision, prefix) the fastest batch size is printed with its numbers; the whole
+grid goes to ``--json``. Finally ``GraceEncoder.encode`` (rationale mode, cold cache, then the
+same call from the cache) at the fastest fp32 batch size: the user-facing number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import sys
@@ -28,50 +38,45 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import describe_cpu  # noqa: E402
+
+from grace_lightning.embedding import encode_prompts  # noqa: E402
 from grace_lightning.eval.encoder import GraceEncoder  # noqa: E402
-from grace_lightning.models.backbone import (  # noqa: E402
-    BackboneConfig,
-    load_backbone,
-    prepare_tokenizer,
-    torch_dtype,
-)
+from grace_lightning.models.backbone import BackboneConfig, load_backbone  # noqa: E402
 from grace_lightning.prompts import ChatPrompter  # noqa: E402
-from grace_lightning.rollout.engine import HFRolloutEngine, left_pad  # noqa: E402
+from grace_lightning.rollout.engine import HFRolloutEngine, text_seed  # noqa: E402
+
+DATA = Path(os.environ.get("GRACE_DATA_ROOT", ROOT.parent / "shared" / "data"))
 
 
 def load_texts(n: int, path: str | None) -> list[str]:
-    """``--texts-file`` (one text a line), else STS12 sentences, else synthetic sentences."""
     if path:
         return Path(path).read_text().splitlines()[:n]
-    root = Path(os.environ.get("GRACE_DATA_ROOT", ROOT.parent / "shared" / "data"))
-    sts12 = root / "sts12" / "test.jsonl"
-    if sts12.exists():
-        with open(sts12) as f:
-            return list(dict.fromkeys(json.loads(line)["sentence1"] for line in f))[:n]
+    for name in ("stsb/train.jsonl", "sts12/test.jsonl"):
+        if (DATA / name).exists():
+            with open(DATA / name) as f:
+                return list(dict.fromkeys(json.loads(line)["sentence1"] for line in f))[:n]
     return [f"Sentence {i} is about topic {i % 13} and a few other things." for i in range(n)]
 
 
-def load_model(args, dtype: str):
-    """The embedded default, or (``--random-weights``) its architecture with random weights from
-    ``--model-dir`` (config + tokenizer only: for machines the weights cannot travel to; with
-    EOS ignored, speed does not depend on the weights)."""
-    if not args.random_weights:
-        return load_backbone(BackboneConfig(dtype=dtype), device=args.device)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(args.model_dir)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype)).to(args.device)
-    return model, prepare_tokenizer(AutoTokenizer.from_pretrained(args.model_dir))
+def has_knob(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
 
 
-def sync(device) -> None:
+def precision_ctx(name: str, device: str):
+    if name == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sync(device: str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> float:
+def timed(fn, device: str) -> float:
     sync(device)
     t0 = time.perf_counter()
     fn()
@@ -79,111 +84,138 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def batches(prompt_ids: list[list[int]], batch_size: int) -> list[list[list[int]]]:
-    ordered = sorted(prompt_ids, key=len, reverse=True)  # as GraceEncoder does
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-sizes", default="8,32,64")
+    p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--texts-file", default=None, help="one text a line")
-    p.add_argument("--random-weights", action="store_true", help="see load_model")
-    p.add_argument("--model-dir", default=None, help="config + tokenizer for --random-weights")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--skip-encoder", action="store_true", help="no GraceEncoder end-to-end row")
+    p.add_argument("--json", default=None, help="also write the grid here")
     args = p.parse_args()
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model, tok = load_model(args, dtype)
+    dev, r = args.device, args.new_tokens
+    model, tok = load_backbone(BackboneConfig(), device=dev)
     model.eval()
     texts = load_texts(args.texts, args.texts_file)
-    n, r, bs = len(texts), args.new_tokens, args.batch_size
-    prompter = ChatPrompter(tok)
-    prompt_ids = prompter.encode(texts)
-    groups = batches(prompt_ids, bs)
+    pr = ChatPrompter(tok)
+    ordered = sorted(pr.encode(texts), key=len, reverse=True)  # as GraceEncoder batches them
+    seeds = [text_seed(0, t) for t in texts]  # any fixed per-text seeds: same work per row
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    engine_knob = has_knob(HFRolloutEngine.__init__, "share_prefix")
+    base_knob = has_knob(encode_prompts, "share_prefix")
+    lengths = [len(x) for x in ordered]
+    name = describe_cpu() if dev == "cpu" else torch.cuda.get_device_name(0)
+    print(f"device: {name}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"SmolLM2-135M-Instruct (fp32 weights), {len(texts)} texts, prompts {min(lengths)}-"
+        f"{max(lengths)} tokens (system prompt + chat header: {pr.system_len}), rationales "
+        f"{r} tokens (EOS ignored), batch sizes {sizes}\n"
+    )
 
-    @torch.no_grad()
-    def bare_generate():
-        for group in groups:
-            ids, mask = left_pad(group, tok.pad_token_id, args.device)
-            model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=r,
-                min_new_tokens=r,
-                pad_token_id=tok.pad_token_id,
+    def run_base(bs: int, share: bool):
+        kw = {"share_prefix": share} if base_knob else {}
+        for i in range(0, len(ordered), bs):
+            encode_prompts(model, ordered[i : i + bs], pr.system_len, tok.pad_token_id, bs, **kw)
+
+    def run_rationale(bs: int, share: bool):
+        kw = {"share_prefix": share} if engine_knob else {}
+        engine = HFRolloutEngine(model, tok, max_new_tokens=r, ignore_eos=True, **kw)
+        for i in range(0, len(ordered), bs):
+            engine.generate(ordered[i : i + bs], 1, 1.0, pr.system_len, seeds=seeds[i : i + bs])
+
+    # warm-up: kernels, allocator, autocast caches
+    for prec in args.precisions.split(","):
+        with precision_ctx(prec, dev):
+            run_base(min(sizes), True)
+            HFRolloutEngine(model, tok, max_new_tokens=2, ignore_eos=True).generate(
+                ordered[:4], 1, 1.0, pr.system_len, seeds=seeds[:4]
             )
 
-    engine = HFRolloutEngine(model, tok, max_new_tokens=r, ignore_eos=True)
+    grid = []
+    for prec in args.precisions.split(","):
+        for mode, fn, knob in (
+            ("base", run_base, base_knob),
+            ("rationale", run_rationale, engine_knob),
+        ):
+            for share in (False, True):
+                if share and not knob:
+                    continue  # without the knob there is one path (printed as "no prefix")
+                for bs in sizes:
+                    with precision_ctx(prec, dev):
+                        sec = timed(lambda: fn(bs, share), dev)  # noqa: B023
+                    grid.append(
+                        {
+                            "mode": mode,
+                            "precision": prec,
+                            "share_prefix": share,
+                            "batch": bs,
+                            "seconds": sec,
+                            "texts_per_s": len(texts) / sec,
+                            "tokens_per_s": len(texts) * r / sec if mode == "rationale" else None,
+                        }
+                    )
 
-    def engine_generate():
-        g = torch.Generator().manual_seed(0)  # the engine draws its uniforms on the CPU
-        for group in groups:
-            engine.generate(group, 1, 1.0, prompter.system_len, generator=g)
-
-    gen = {"max_new_tokens": r, "temperature": 1.0, "ignore_eos": True}
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(tmp) / "rationales.sqlite"
-
-        def encoder(mode: str) -> GraceEncoder:
-            return GraceEncoder(model, tok, mode=mode, generation=gen, cache=cache, name="bench")
-
-        cold = encoder("rationale")
-        fp = cold.fingerprint  # weights hash: once per checkpoint (memoised per model dir)
-        # warm-up (kernels, allocator) on one short batch of each kind
-        warm = GraceEncoder(model, tok, mode="rationale", generation={**gen, "max_new_tokens": 4})
-        warm.encode(texts[:bs], batch_size=bs, show_progress_bar=False)
-        ids, mask = left_pad(groups[0], tok.pad_token_id, args.device)
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
-
-        times = {
-            "generate": timed(bare_generate, args.device),
-            "engine": timed(engine_generate, args.device),
-            "rationale": timed(
-                lambda: cold.encode(texts, batch_size=bs, show_progress_bar=False), args.device
-            ),
-        }
-        hot = encoder("rationale")
-        hot._fingerprint = fp
-        times["cached"] = timed(
-            lambda: hot.encode(texts, batch_size=bs, show_progress_bar=False), args.device
-        )
-        assert hot.stats["generated"] == 0, hot.stats
-        times["base"] = timed(
-            lambda: encoder("base").encode(texts, batch_size=bs, show_progress_bar=False),
-            args.device,
-        )
-
-    name = "cpu" if args.device == "cpu" else torch.cuda.get_device_name(0)
-    weights = ", random weights" if args.random_weights else ""
     print(
-        f"\nSmolLM2-135M-Instruct ({dtype}, {name}{weights}), {n} texts, {r} new tokens each, "
-        f"batch {bs}, prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens\n"
+        "| mode | precision | shared prefix | best batch | seconds | texts/s | rationale tok/s | speed-up from prefix |"
     )
-    print("| pass | seconds | texts/s | generated tok/s | vs generate |")
-    print("|---|---:|---:|---:|---:|")
-    for key, sec in times.items():
-        tps = "" if key in ("cached", "base") else f"{n * r / sec:,.0f}"
-        print(f"| {key} | {sec:.2f} | {n / sec:,.1f} | {tps} | {sec / times['generate']:.2f}x |")
-    ratio = times["rationale"] / times["generate"]
-    speedup = times["rationale"] / times["cached"]
-    print(
-        f"\nrationale / generate = {ratio:.2f}x (goal <= 1.2x: {'met' if ratio <= 1.2 else 'MISSED'});"
-        f" cached pass {speedup:,.0f}x faster than cold (goal >= 20x: "
-        f"{'met' if speedup >= 20 else 'MISSED'})"
-    )
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    best = {}
+    for mode in ("base", "rationale"):
+        for prec in args.precisions.split(","):
+            for share in (False, True):
+                rows = [
+                    g
+                    for g in grid
+                    if (g["mode"], g["precision"], g["share_prefix"]) == (mode, prec, share)
+                ]
+                knob = base_knob if mode == "base" else engine_knob
+                if not rows:
+                    print(f"| {mode} | {prec} | n/a | | | | | |")
+                    continue
+                b = min(rows, key=lambda g: g["seconds"])
+                best[mode, prec, share] = b
+                tps = f"{b['tokens_per_s']:,.0f}" if b["tokens_per_s"] else ""
+                gain = ""
+                if share and (mode, prec, False) in best:
+                    gain = f"{best[mode, prec, False]['seconds'] / b['seconds']:.2f}x"
+                label = ("yes" if share else "no") if knob else "n/a (no knob)"
+                print(
+                    f"| {mode} | {prec} | {label} | {b['batch']} | {b['seconds']:.2f} | {b['texts_per_s']:,.1f} | {tps} | {gain} |"
+                )
+    for mode in ("base", "rationale"):
+        for share in (False, True):
+            f, h = best.get((mode, "fp32", share)), best.get((mode, "bf16", share))
+            if f and h:
+                print(
+                    f"{mode}, prefix {'shared' if share else 'not shared'}: bf16 {f['seconds'] / h['seconds']:.2f}x the speed of fp32"
+                )
+
+    if not args.skip_encoder:
+        bs = min(
+            (g for g in grid if g["mode"] == "rationale" and g["precision"] == "fp32"),
+            key=lambda g: g["seconds"],
+        )["batch"]
+        gen = {"max_new_tokens": r, "ignore_eos": True}
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = Path(tmp) / "rationales.sqlite"
+            cold = GraceEncoder(model, tok, mode="rationale", generation=gen, cache=cache)
+            fp = cold.fingerprint  # weights hash, once per checkpoint: not part of the timing
+            t_cold = timed(lambda: cold.encode(texts, batch_size=bs, show_progress_bar=False), dev)
+            hot = GraceEncoder(
+                model, tok, mode="rationale", generation=gen, cache=cache, fingerprint=fp
+            )
+            t_hot = timed(lambda: hot.encode(texts, batch_size=bs, show_progress_bar=False), dev)
+            assert hot.stats["generated"] == 0, hot.stats
+        print(
+            f"\nGraceEncoder.encode (rationale, fp32, batch {bs}): cold {t_cold:.2f} s "
+            f"({len(texts) / t_cold:,.1f} texts/s, {len(texts) * r / t_cold:,.0f} tok/s); from the "
+            f"cache {t_hot:.3f} s ({t_cold / t_hot:,.0f}x faster)"
+        )
     if args.json:
         Path(args.json).write_text(
-            json.dumps(
-                {"times": times, "texts": n, "new_tokens": r, "device": name, "dtype": dtype}
-            )
+            json.dumps({"grid": grid, "texts": len(texts), "new_tokens": r}, indent=1)
         )
 
 
