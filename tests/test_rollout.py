@@ -255,5 +255,16 @@ def test_rollout_progress_callback_shows_rows_on_the_tqdm_bar(tiny_backbone):
     assert done == sorted(done) and done[-1] == 6 and all(s[1] == 6 for s in seen)
     postfix = bar_cb.train_progress_bar.postfix
     assert "loss=0.1" in postfix and "rollout=6/6 rows" in postfix and "tok/s" in postfix
+    # Lightning's RichProgressBar (its default when `rich` is installed): the metrics column
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    shown = []
+    rich_cb = RichProgressBar()
+    rich_cb._metric_component = SimpleNamespace(update=shown.append)
+    rich_cb.get_metrics = lambda trainer, module: {"loss": "0.1"}
+    trainer.progress_bar_callback = rich_cb
+    cb.on_train_start(trainer, module)
+    module.engine.generate(pr.encode(TEXTS[:1]), 2, 1.0, pr.system_len, seeds=[1])
+    assert shown[-1]["rollout"].startswith("2/2 rows") and shown[-1]["loss"] == "0.1"
     cb.on_train_end(trainer, module)
     assert module.engine.progress is None

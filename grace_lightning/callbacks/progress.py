@@ -4,8 +4,8 @@ A paper-size rollout batch (640 rows x up to 2048 tokens) takes minutes between 
 steps; Lightning's bar only moves at the end of a step. `RolloutProgress` hands the rollout engine
 (``pl_module.engine``, an `HFRolloutEngine`) a ``progress`` hook, which the sampling loop calls
 every ``rollout.progress_every`` decode steps with (rows_finished, rows_total, tokens_generated,
-elapsed_s). With Lightning's TQDM bar the numbers go to its postfix (``rollout=37/640 rows, 412
-tok/s``); without a bar (SLURM logs, ``enable_progress_bar=false``) they are logged at most every
+elapsed_s). With Lightning's bar the numbers join the metrics (TQDM postfix or Rich metrics
+column: ``rollout: 37/640 rows, 412 tok/s``); without a bar (SLURM logs, ``enable_progress_bar=false``) they are logged at most every
 ``log_every_s`` seconds on rank 0.
 """
 
@@ -48,6 +48,11 @@ class RolloutProgress(L.Callback):
         if bar is not None and not bar.disable:
             metrics = bar_callback.get_metrics(trainer, pl_module)
             bar.set_postfix({**metrics, "rollout": text})
+            return
+        column = getattr(bar_callback, "_metric_component", None)  # RichProgressBar's metrics text
+        if column is not None and bar_callback.is_enabled:
+            column.update({**bar_callback.get_metrics(trainer, pl_module), "rollout": text})
+            bar_callback.refresh()
             return
         now = time.monotonic()
         if rows_done == rows or now - self._last_log >= self.log_every_s:
