@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from grace_lightning.eval.bootstrap import load_examples
 from grace_lightning.study.report import (
     README_BEGIN,
     README_END,
@@ -17,7 +19,14 @@ from grace_lightning.study.report import (
     series,
     update_readme,
 )
-from grace_lightning.study.stages import StudyConfigError, check_rows, plan, run_study
+from grace_lightning.study.stages import (
+    StudyConfigError,
+    budget_lines,
+    check_rows,
+    plan,
+    run_study,
+    selected_rows,
+)
 
 from .conftest import DATA_ROOT, ROOT
 
@@ -48,34 +57,78 @@ def test_config_rows_are_checked_with_the_key_to_change():
         ({**good, "train": ["reward=sup"]}, "rows.x.group"),
         ({**good, "group": "grace", "train": "reward=sup"}, "rows.x.train"),
         ({**good, "labels": "typo"}, "unknown field"),
+        ({**good, "init_from": "base"}, "rows.x: init_from / minutes need a trained row"),
+        (
+            {**good, "group": "grace", "train": [], "init_from": "nope"},
+            "rows.x.init_from: 'nope' is not another row",
+        ),
+        ({**good, "group": "grace", "train": [], "minutes": 0}, "rows.x.minutes"),
         (
             {**good, "group": "grace", "train": [], "eval": {"mode": "base", "model": "qwen"}},
             "rows.x.eval.model",
         ),
     ]
     for row, message in cases:
-        with pytest.raises(StudyConfigError, match=message.replace(".", r"\.")):
+        pattern = message.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(StudyConfigError, match=pattern):
             check_rows({"x": row})
+    # init_from must name a trained row, and chains must not loop
+    trained = {**good, "group": "contrastive", "train": ["method=infonce"]}
+    with pytest.raises(StudyConfigError, match="trains nothing"):
+        check_rows({"base": good, "x": {**trained, "init_from": "base"}})
+    with pytest.raises(StudyConfigError, match="cycle"):
+        check_rows({"a": {**trained, "init_from": "b"}, "b": {**trained, "init_from": "a"}})
 
 
 def test_plan_orders_overrides_and_evaluates_trained_rows_on_their_run(tmp_path):
     cfg = study_cfg(tmp_path)
     stages = plan(cfg)
     names = [(s.row, s.kind) for s in stages]
-    assert names[:3] == [("base", "eval"), ("reasoning", "eval"), ("reasoning", "samples")]
-    assert ("grace_sup", "train") in names and ("simcse", "train") in names
+    assert names[:4] == [
+        ("base", "eval"),
+        ("base", "general"),
+        ("reasoning", "eval"),
+        ("reasoning", "samples"),
+    ]
+    for row in ("infonce", "grace_sup", "grace_sup_joint", "two_stage", "simcse", "grace_unsup"):
+        assert (row, "train") in names and (row, "general") in names, row
     assert ("base", "samples") not in names  # base mode has no rationales
-    train = next(s for s in stages if s.row == "grace_sup_per_rollout" and s.kind == "train")
+    out = tmp_path / "study"
+    train = next(s for s in stages if s.row == "grace_sup_joint" and s.kind == "train")
     args = train.argv[2:]
-    # shared -> group -> row -> extras: the row's own overrides come after the group's
-    assert args.index("rollout.num_generations=4") < args.index("reward.negative_mode=per_rollout")
-    assert args[-1] == f"hydra.run.dir={tmp_path / 'study' / 'grace_sup_per_rollout' / 'train'}"
-    ev = next(s for s in stages if s.row == "grace_sup_per_rollout" and s.kind == "eval")
+    # shared -> speed-ups -> dev -> group -> row -> budget -> extras: the row's own come later
+    assert args.index("trainer=cpu_bf16") < args.index("rollout.num_generations=4")
+    assert args.index("rollout.num_generations=4") < args.index("algo.contrastive_weight=0.5")
+    assert "++trainer.max_time='00:00:12:00'" in args  # equal wall-time budget (train_minutes)
+    assert args[-1] == f"hydra.run.dir={out / 'grace_sup_joint' / 'train'}"
+    ev = next(s for s in stages if s.row == "grace_sup_joint" and s.kind == "eval")
+    assert ev.argv[1:3] == ["-m", "grace_lightning.study.eval_stage"]  # eval.py + per-example
     assert f"model={train.dir}" in ev.argv and "mode=rationale" in ev.argv
-    base = next(s for s in stages if s.row == "base")
+    assert "eval=study" in ev.argv
+    gen = next(s for s in stages if s.row == "grace_sup_joint" and s.kind == "general")
+    assert gen.argv[3] == str(train.dir / "export")
+    # stage dependency: the two-stage row starts from the InfoNCE row's export, after it
+    two = next(s for s in stages if s.row == "two_stage" and s.kind == "train")
+    assert f"init_from={out / 'infonce' / 'train' / 'export'}" in two.argv
+    assert names.index(("infonce", "train")) < names.index(("two_stage", "train"))
+    base = next(s for s in stages if s.row == "base" and s.kind == "eval")
     assert "model=smollm2" in base.argv and "mode=base" in base.argv
     with pytest.raises(StudyConfigError, match="only=\\['nope'\\]"):
         plan(study_cfg(tmp_path, "only=[nope]"))
+    # `only` pulls in the rows a row starts from; the budget lists each row's minutes
+    only = study_cfg(tmp_path, "only=[two_stage]")
+    assert list(selected_rows(only)) == ["infonce", "two_stage"]
+    lines = budget_lines(only, selected_rows(only))
+    assert lines[1].split()[:2] == ["infonce", "12.0"] and lines[2].split()[-1] == "infonce"
+    assert lines[-1].split()[:2] == ["total", f"{12 + 5 + 12 + 21:.1f}"]
+
+
+def test_v1_config_still_plans_with_eval_py(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="study_v1", overrides=[f"out_dir={tmp_path}"])
+    stages = plan(cfg)
+    ev = next(s for s in stages if s.kind == "eval")
+    assert ev.argv[1].endswith("eval.py") and not any(s.kind == "general" for s in stages)
 
 
 def test_series_keeps_first_value_per_step_and_skips_gaps(tmp_path):
@@ -106,42 +159,70 @@ def test_samples_markdown_and_readme_markers(tmp_path):
 
 @pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
 def test_tiny_study_runs_resumes_and_reports(tmp_path, capsys):
-    """Two rows end to end on the tiny model (train.py + eval.py subprocesses), then a rerun that
-    skips finished stages and redoes only the one whose DONE.json is gone."""
+    """The two-stage row on the tiny model end to end (train.py, the eval stage and the general
+    proxy as subprocesses): `only=[two_stage]` runs the InfoNCE row first and starts from its
+    export; per-example data reproduce mteb's scores; the report has intervals; a rerun skips
+    finished stages and redoes only the one whose DONE.json is gone."""
     cfg = study_cfg(
         tmp_path,
         "base_model=tiny",
-        "only=[base,grace_sup]",
+        "only=[two_stage]",
         "max_new_tokens=4",
+        "train_minutes=5",
         "samples.texts=[A man plays a guitar.]",
-        "train_extra=['trainer.max_steps=2','data.max_examples=16',"
-        "'callbacks.model_checkpoint.every_n_train_steps=1']",
-        "eval_extra=['tasks=[LocalSTS12]','eval.max_samples=8']",
+        "bootstrap.n=50",
+        "general.args=[--max-texts,2,--max-tokens,16,--max-new-tokens,2]",
+        "train_extra=['trainer.max_steps=2','data.max_examples=16','data.prompts_per_step=4',"
+        "'callbacks.dev_eval.max_samples=4','callbacks.model_checkpoint.every_n_rollout_batches=1']",
+        "eval_extra=['tasks=[LocalSTS12,LocalSciFactTrain,LocalTRECClassification]',"
+        "'eval.max_samples=8','eval.n_experiments=2']",
     )
     run_study(cfg)
     out = tmp_path / "study"
-    for stage in ("base/eval", "grace_sup/train", "grace_sup/eval"):
+    for stage in ("infonce/train", "infonce/eval", "two_stage/train", "two_stage/eval"):
         assert (out / stage / "DONE.json").is_file(), stage
-    assert (out / "grace_sup" / "train" / "export" / "grace_config.json").is_file()
-    samples = json.loads((out / "grace_sup" / "samples.json").read_text())
+    for row in ("infonce", "two_stage"):
+        general = json.loads((out / row / "general" / "general.json").read_text())
+        assert general["perplexity"] > 1 and 0 <= general["keyword_acc"] <= 1
+    # the two-stage policy started from the InfoNCE export, within the wall-time budget
+    resolved = (out / "two_stage" / "train" / ".hydra" / "config.yaml").read_text()
+    assert f"pretrained: {out / 'infonce' / 'train' / 'export'}" in resolved
+    assert "max_time:" in resolved and "00:00:05:00" in resolved
+    # per-example data: STS / retrieval / classification recomputed = mteb's reported score
+    for row in ("infonce", "two_stage"):
+        ex = load_examples(out / row / "eval" / "per_example.json")
+        assert sorted(ex) == ["LocalSTS12", "LocalSciFactTrain", "LocalTRECClassification"]
+        for e in ex.values():
+            assert e.n == 8 and e.extra["recomputed"] == pytest.approx(e.reported, abs=1e-6)
+    a = load_examples(out / "infonce" / "eval" / "per_example.json")
+    b = load_examples(out / "two_stage" / "eval" / "per_example.json")
+    assert all(a[t].key == b[t].key for t in a)  # same examples: paired
+    samples = json.loads((out / "two_stage" / "samples.json").read_text())
     assert samples["samples"][0]["text"] == "A man plays a guitar."
     report = (tmp_path / "report" / "study.md").read_text()
-    assert "| Base |" in report and "| GRACE (paper reward) |" in report
-    assert "LocalSTS12" in report
+    assert "| w/ InfoNCE (contrastive FT) |" in report and "| InfoNCE, then GRACE |" in report
+    assert "[95% CI]" in report and "Δ vs w/ InfoNCE (contrastive FT)" in report
+    assert "Tasks with per-example data: 3 of 3" in report and "LocalSTS12" in report
+    boot = json.loads((tmp_path / "report" / "bootstrap.json").read_text())
+    lo, hi = boot["two_stage"]["diff"]["infonce"]["ci"]
+    assert lo <= boot["two_stage"]["diff"]["infonce"]["delta"] <= hi
     assert (tmp_path / "report" / "reward_curves.png").stat().st_size > 0
-    assert (tmp_path / "report" / "rationale_length.png").stat().st_size > 0
     csv_lines = (tmp_path / "report" / "results.csv").read_text().splitlines()
-    assert (
-        csv_lines[0].startswith("table,row,label") and len(csv_lines) == 1 + 3
-    )  # base in both tables
+    assert csv_lines[0].startswith("table,row,label") and len(csv_lines) == 1 + 2
+    assert "Study budget" in capsys.readouterr().out
 
-    # rerun: nothing is redone except the stage without DONE.json
-    (out / "grace_sup" / "eval" / "DONE.json").unlink()
+    # rerun: nothing is redone except the stage without DONE.json; its per-example data come
+    # back although mteb skips its finished tasks (embeddings encoded again)
+    (out / "two_stage" / "eval" / "DONE.json").unlink()
+    (out / "two_stage" / "eval" / "per_example.json").unlink()
     run_study(cfg)
     attempts = lambda stage: len((out / stage / "attempts.jsonl").read_text().splitlines())  # noqa: E731
-    assert attempts("base/eval") == 1 and attempts("grace_sup/train") == 1
-    assert attempts("grace_sup/eval") == 2
-    assert json.loads((out / "grace_sup/eval/DONE.json").read_text())["attempts"] == 2
+    assert attempts("infonce/train") == 1 and attempts("two_stage/train") == 1
+    assert attempts("infonce/eval") == 1 and attempts("two_stage/eval") == 2
+    assert json.loads((out / "two_stage/eval/DONE.json").read_text())["attempts"] == 2
+    again = load_examples(out / "two_stage" / "eval" / "per_example.json")
+    for t, e in b.items():
+        np.testing.assert_allclose(again[t].a, e.a, atol=1e-5)
 
 
 def test_stopping_the_study_stops_the_running_stage(tmp_path):
@@ -177,3 +258,85 @@ def test_stopping_the_study_stops_the_running_stage(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the stage subprocess outlived the study")
+
+
+def test_report_has_intervals_general_columns_and_collapse_and_dev_panels(tmp_path):
+    """build_report on hand-made stage outputs (no subprocess): the table shows each Avg's
+    interval, the difference to the reference row and the general proxy; collapse/* and
+    val/dev_avg columns of metrics.csv get their own figures; the budget shows max_time."""
+    from omegaconf import OmegaConf
+
+    from grace_lightning.eval.bootstrap import TaskExamples, save_examples
+    from grace_lightning.eval.report import summarize
+    from grace_lightning.study.report import build_report
+
+    out = tmp_path / "study"
+    rng = np.random.default_rng(0)
+    gold = rng.random(120)
+    rows = {
+        "infonce": {
+            "label": "InfoNCE",
+            "tables": ["sup"],
+            "group": "contrastive",
+            "train": ["method=infonce"],
+            "eval": {"mode": "base"},
+        },
+        "grace": {
+            "label": "GRACE",
+            "tables": ["sup"],
+            "group": "grace",
+            "train": ["reward=sup"],
+            "eval": {"mode": "rationale"},
+        },
+    }
+    for i, (name, noise) in enumerate((("infonce", 0.1), ("grace", 0.6))):
+        ev = out / name / "eval"
+        ev.mkdir(parents=True)
+        ex = TaskExamples("LocalSTS12", "STS", "spearman", gold + noise * rng.random(120), gold)
+        tasks = [{"task": "LocalSTS12", "category": "STS", "main_score": "s", "score": ex.score()}]
+        run = {"label": rows[name]["label"], "tasks": tasks, **summarize(tasks)}
+        (ev / "scores.json").write_text(json.dumps(run))
+        (ev / "DONE.json").write_text(json.dumps({"seconds_all_attempts": 60}))
+        save_examples(ev / "per_example.json", {"LocalSTS12": ex})
+        gen = out / name / "general"
+        gen.mkdir(parents=True)
+        (gen / "general.json").write_text(json.dumps({"perplexity": 20.0 + i, "keyword_acc": 0.5}))
+        (gen / "DONE.json").write_text("{}")
+    train = out / "grace" / "train"
+    (train / ".hydra").mkdir(parents=True)
+    (train / ".hydra" / "config.yaml").write_text(
+        "model: {_target_: grace_lightning.module.GraceModule}\n"
+        "trainer: {max_steps: 400, max_time: '00:00:12:00'}\n"
+        "algo: {prompts_per_minibatch: 4}\nrollout: {num_generations: 4, max_new_tokens: 4}\n"
+        "data: {mode: sup}\noptim: {lr: 1.0e-5}\npeft: null\n"
+    )
+    (train / "DONE.json").write_text(json.dumps({"seconds_all_attempts": 720}))
+    metrics = train / "csv" / "version_0"
+    metrics.mkdir(parents=True)
+    lines = ["step,reward,collapse/cross_group_cosine,collapse/distinct_2,val/dev_avg"]
+    lines += [f"{s},{0.1 * s},{0.5 + 0.01 * s},{0.9 - 0.01 * s},{40 + s}" for s in range(10)]
+    (metrics / "metrics.csv").write_text("\n".join(lines) + "\n")
+    cfg = OmegaConf.create(
+        {
+            "out_dir": str(out),
+            "max_new_tokens": 4,
+            "bootstrap": {"n": 200, "seed": 0, "level": 0.95, "references": ["infonce"]},
+        }
+    )
+    report_dir = tmp_path / "report"
+    block = build_report(cfg, rows, report_dir)
+    grace_line = next(line for line in block.splitlines() if line.startswith("| GRACE |"))
+    boot = json.loads((report_dir / "bootstrap.json").read_text())
+    lo, hi = boot["grace"]["diff"]["infonce"]["ci"]
+    assert hi < 0  # the noisier model is clearly worse, and its interval says so
+    assert f"[{lo:.2f}, {hi:.2f}]" in grace_line and "21.0" in grace_line  # Δ CI, perplexity
+    assert "Δ vs InfoNCE [95% CI]" in block and "PPL" in block
+    assert "Tasks with per-example data: 1 of 1" in block
+    # budget: 12-minute wall-time budget, 10 optimiser steps taken (cap 400), 12 min spent
+    budget = next(line for line in block.splitlines() if line.startswith("| GRACE | GRACE"))
+    assert "| 10 | 40 (160) |" in budget and "| 12 | 12 |" in budget
+    for png in ("collapse.png", "dev_score.png", "reward_curves.png"):
+        assert (report_dir / png).stat().st_size > 0, png
+    assert "collapse.png" in block and "dev_score.png" in block
+    csv_row = (report_dir / "results.csv").read_text().splitlines()[2].split(",")
+    assert [float(x) for x in csv_row[-2:]] == [round(x, 2) for x in boot["grace"]["avg_ci"]]

@@ -11,6 +11,13 @@ Layout under ``out_dir``::
     <row>/train/     train.py run dir (metrics.csv, rationales.jsonl, checkpoints/, export/)
     <row>/eval/      eval.py run dir (scores.json, results.md, mteb/, rationales.sqlite)
     <row>/samples.json   rationales for conf ``samples.texts`` (rationale rows only)
+    <row>/general/   general-capability proxy (general.json: perplexity, instruction accuracy)
+
+Study v2 (``conf/study.yaml``): the evaluation stage is :mod:`grace_lightning.study.eval_stage`
+(``eval.py`` + per-example data for the paired bootstrap, ``per_example.json``); a row may start
+from another row's export (``init_from: <row>``: that row's stages run first, also under
+``only``); every trained row gets the same wall-time budget (``train_minutes`` -> Lightning
+``trainer.max_time``).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DONE = "DONE.json"
 ATTEMPTS = "attempts.jsonl"
-ROW_KEYS = {"label", "tables", "group", "train", "eval"}
+ROW_KEYS = {"label", "tables", "group", "train", "eval", "init_from", "minutes"}
 TABLES = ("sup", "unsup")
 GROUPS = ("grace", "contrastive")
 MODES = ("base", "rationale")
@@ -53,7 +60,7 @@ class StageFailed(RuntimeError):
 @dataclass
 class Stage:
     row: str
-    kind: str  # train | eval | samples
+    kind: str  # train | eval | samples | general
     dir: Path  # run dir (train/eval) or the row dir (samples)
     argv: list[str] = field(default_factory=list)  # subprocess command (train/eval)
 
@@ -113,6 +120,29 @@ def check_rows(rows: Mapping[str, Any]) -> None:
                 raise StudyConfigError(
                     f"{where}.eval.model: a trained row is evaluated on its own run; drop `model`"
                 )
+        elif row.get("init_from") is not None or row.get("minutes") is not None:
+            raise StudyConfigError(
+                f"{where}: init_from / minutes need a trained row (set `train` and `group`)"
+            )
+        if row.get("minutes") is not None and not float(row["minutes"]) > 0:
+            raise StudyConfigError(f"{where}.minutes: {row['minutes']!r}; a positive number")
+        dep = row.get("init_from")
+        if dep is not None:
+            if dep not in rows or dep == name:
+                raise StudyConfigError(
+                    f"{where}.init_from: {dep!r} is not another row; use one of "
+                    f"{[n for n in rows if n != name]}"
+                )
+            if rows[dep].get("train") is None:
+                raise StudyConfigError(
+                    f"{where}.init_from: row {dep!r} trains nothing (no export to start from)"
+                )
+            seen = {name}
+            while dep is not None:
+                if dep in seen:
+                    raise StudyConfigError(f"{where}.init_from: a cycle through {sorted(seen)}")
+                seen.add(dep)
+                dep = rows.get(dep, {}).get("init_from")
 
 
 def selected_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
@@ -122,25 +152,98 @@ def selected_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     missing = [n for n in only if n not in rows]
     if missing:
         raise StudyConfigError(f"only={missing}: no such row(s); rows are {list(rows)}")
-    return {n: r for n, r in rows.items() if not only or n in only}
+    wanted = set(only or rows)
+    for n in list(wanted):  # a row needs the rows it starts from
+        while rows[n].get("init_from") is not None:
+            n = rows[n]["init_from"]
+            wanted.add(n)
+    return dependency_order({n: r for n, r in rows.items() if n in wanted})
+
+
+def dependency_order(rows: Mapping[str, Any]) -> dict[str, Any]:
+    """``rows`` in config order, except that a row comes after the row it starts from."""
+    out: dict[str, Any] = {}
+
+    def add(n: str) -> None:
+        if n in out:
+            return
+        dep = rows[n].get("init_from")
+        if dep is not None and dep in rows:
+            add(dep)
+        out[n] = rows[n]
+
+    for n in rows:
+        add(n)
+    return out
 
 
 # ---------------------------------------------------------------------------- commands
 def _list(cfg: DictConfig, key: str) -> list[str]:
-    return [str(o) for o in (OmegaConf.to_container(cfg.get(key), resolve=True) or [])]
+    value = cfg.get(key)
+    if value is None:  # a key that this config version lacks (v1: speedups, dev_overrides)
+        return []
+    return [str(o) for o in (OmegaConf.to_container(value, resolve=True) or [])]
 
 
-def train_argv(cfg: DictConfig, row: Mapping[str, Any], run_dir: Path) -> list[str]:
-    """``train.py`` overrides: shared, then the row's group, then the row's own, then extras."""
+def _train_groups() -> set[str]:
+    """Config groups in ``conf/train.yaml``'s defaults list (``dev`` may not be one)."""
+    groups = set()
+    for entry in OmegaConf.load(REPO_ROOT / "conf" / "train.yaml").get("defaults", []):
+        if isinstance(entry, Mapping) or hasattr(entry, "keys"):
+            groups.update(str(k).split("@")[0].removeprefix("override ") for k in entry)
+    return groups
+
+
+def _append_groups(overrides: list[str]) -> list[str]:
+    """``<group>=<option>`` for a conf group that train.yaml's defaults lack -> ``+<group>=...``
+    (Hydra refuses to override a group that is not in the defaults list)."""
+    groups = _train_groups()
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if (
+            "=" in o
+            and key.isidentifier()
+            and key not in groups
+            and (REPO_ROOT / "conf" / key).is_dir()
+        ):
+            o = f"+{o}"
+        out.append(o)
+    return out
+
+
+def row_minutes(cfg: DictConfig, row: Mapping[str, Any]) -> float | None:
+    """A trained row's wall-time budget in minutes (row ``minutes``, else ``train_minutes``)."""
+    m = row.get("minutes", cfg.get("train_minutes"))
+    return float(m) if m is not None else None
+
+
+def max_time(minutes: float) -> str:
+    """Lightning's ``max_time`` string ``DD:HH:MM:SS`` for a budget in minutes (whole seconds)."""
+    s = max(1, round(minutes * 60))
+    return f"{s // 86400:02d}:{s // 3600 % 24:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def train_argv(
+    cfg: DictConfig, row: Mapping[str, Any], run_dir: Path, init_dir: Path | None = None
+) -> list[str]:
+    """``train.py`` overrides: shared, speed-ups, dev, then the row's group, then the row's own,
+    then its budget and start point, then extras."""
     overrides = [
         f"backbone={cfg.base_model}",
         *_list(cfg, "train_overrides"),
+        *_list(cfg, "speedups"),
+        *_list(cfg, "dev_overrides"),
         *_list(cfg, f"{row['group']}_overrides"),
         *row["train"],
-        *_list(cfg, "train_extra"),
-        f"hydra.run.dir={run_dir}",
     ]
-    return [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
+    minutes = row_minutes(cfg, row)
+    if minutes is not None:  # Lightning Timer: stops training after this much wall time
+        overrides.append(f"++trainer.max_time='{max_time(minutes)}'")
+    if init_dir is not None:
+        overrides.append(f"init_from={init_dir / 'export'}")
+    overrides += [*_list(cfg, "train_extra"), f"hydra.run.dir={run_dir}"]
+    return [sys.executable, str(REPO_ROOT / "train.py"), *_append_groups(overrides)]
 
 
 def row_model(cfg: DictConfig, row: Mapping[str, Any], train_dir: Path | None) -> str:
@@ -163,7 +266,33 @@ def eval_argv(
         *_list(cfg, "eval_extra"),
         f"hydra.run.dir={run_dir}",
     ]
-    return [sys.executable, str(REPO_ROOT / "eval.py"), *overrides]
+    # eval.py + per-example data for the bootstrap (v1 configs: plain eval.py)
+    entry = (
+        ["-m", "grace_lightning.study.eval_stage"]
+        if int(cfg.get("version", 1)) >= 2
+        else [str(REPO_ROOT / "eval.py")]
+    )
+    return [sys.executable, *entry, *overrides]
+
+
+def general_model(cfg: DictConfig, row: Mapping[str, Any], train_dir: Path | None) -> str:
+    """What the general-capability proxy loads: the row's export, else its base model."""
+    if train_dir is not None:
+        return str(train_dir / "export")
+    return str(row["eval"].get("model") or cfg.base_model)
+
+
+def general_argv(cfg: DictConfig, row, run_dir: Path, train_dir: Path | None) -> list[str]:
+    g = cfg.get("general") or {}
+    return [
+        sys.executable,
+        "-m",
+        "grace_lightning.eval.general",
+        general_model(cfg, row, train_dir),
+        "--out",
+        str(run_dir / "general.json"),
+        *[str(a) for a in (OmegaConf.to_container(g.get("args"), resolve=True) or [])],
+    ]
 
 
 def plan(cfg: DictConfig, rows: Mapping[str, Any] | None = None) -> list[Stage]:
@@ -175,11 +304,18 @@ def plan(cfg: DictConfig, rows: Mapping[str, Any] | None = None) -> list[Stage]:
         train_dir = None
         if row.get("train") is not None:
             train_dir = out / name / "train"
-            stages.append(Stage(name, "train", train_dir, train_argv(cfg, row, train_dir)))
+            dep = row.get("init_from")
+            init_dir = out / dep / "train" if dep is not None else None
+            stages.append(
+                Stage(name, "train", train_dir, train_argv(cfg, row, train_dir, init_dir))
+            )
         eval_dir = out / name / "eval"
         stages.append(Stage(name, "eval", eval_dir, eval_argv(cfg, row, eval_dir, train_dir)))
         if row["eval"]["mode"] == "rationale" and cfg.get("samples") and cfg.samples.get("texts"):
             stages.append(Stage(name, "samples", out / name))
+        if (cfg.get("general") or {}).get("enabled"):
+            gdir = out / name / "general"
+            stages.append(Stage(name, "general", gdir, general_argv(cfg, row, gdir, train_dir)))
     return stages
 
 
@@ -326,11 +462,38 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
     return stages
 
 
+def budget_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
+    """The study's budget: each row's training budget and evaluation estimate (minutes), and
+    what its finished stages actually took (DONE.json), with totals."""
+    est = dict(cfg.get("eval_minutes_estimate") or {})
+    out = Path(cfg.out_dir)
+    lines = [f"{'row':<20} {'train budget':>12} {'eval est.':>9} {'spent':>7}  starts from"]
+    tot_plan = tot_spent = 0.0
+    for name, row in rows.items():
+        train = row_minutes(cfg, row) if row.get("train") is not None else 0.0
+        ev = float(est.get(row["eval"]["mode"], 0) or 0)
+        spent = 0.0
+        for sub in ("train", "eval", "general"):
+            done = out / name / sub / DONE
+            if done.is_file():
+                spent += json.loads(done.read_text()).get("seconds_all_attempts", 0) / 60
+        tot_plan += (train or 0) + ev
+        tot_spent += spent
+        lines.append(
+            f"{name:<20} {train or 0:>10.1f} m {ev:>7.1f} m {spent:>5.1f} m  "
+            f"{row.get('init_from') or '-'}"
+        )
+    lines.append(f"{'total':<20} {tot_plan:>21.1f} m {tot_spent:>5.1f} m")
+    return lines
+
+
 def run_study(cfg: DictConfig) -> str:
     """Run (or resume) the study, then write the report; returns the report's markdown block."""
     from grace_lightning.study.report import build_report, update_readme
 
-    rows = selected_rows(cfg)  # all rows unless `only` names some
+    rows = selected_rows(cfg)  # all rows unless `only` names some (+ the rows they start from)
+    print("Study budget (minutes; eval from eval_minutes_estimate):")
+    print("\n".join(budget_lines(cfg, rows)), flush=True)
     if not cfg.get("report_only"):
         run_stages(cfg, rows)
         if cfg.get("dry_run"):
