@@ -821,10 +821,12 @@ def update_parts(
     parts = {"const": c.update_const}
     if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
         parts["tied_grad"] = 6 * s.embed_params()
-    if sum(fwd.values()) + (grads if accumulating else 0.0) >= grads + extra:
+    # earlier micro-batches' gradients (the tied embedding's are already in tied_grad)
+    earlier = 4 * (t - (0 if st.lora else s.embed_params())) / st.devices if accumulating else 0.0
+    if sum(fwd.values()) + earlier >= grads + extra:
         parts.update(fwd)
         if accumulating:
-            parts["grads"] = grads
+            parts["grads"] = earlier
     else:
         parts.update({"grads": grads, "grad_extra": extra})
     return parts
