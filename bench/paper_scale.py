@@ -549,6 +549,7 @@ def measure(points: list[Point], cache_file: Path | None, log=print) -> list[dic
             out.append(r)
             continue
         t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(asdict(p))]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -557,7 +558,9 @@ def measure(points: list[Point], cache_file: Path | None, log=print) -> list[dic
             log(f"  {p.label}: FAILED ({' | '.join(err)[:300]})")
             continue
         r = json.loads(line[-1][len("RESULT ") :])
-        log(f"  {p.label}: {time.perf_counter() - t0:.0f} s")
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r["cpu_s"] = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime
+        log(f"  {p.label}: {time.perf_counter() - t0:.0f} s wall, {r['cpu_s']:.0f} s CPU")
         out.append(r)
         if cache_file:
             with cache_file.open("a") as f:
