@@ -8,16 +8,21 @@
   rows written, its checkpoint NOT yet: checkpoint callbacks run last), touch ``marker`` and
   sleep, so a test can ``kill -9`` the run at a known point. Once: with ``marker`` present
   (the same command run again) it does nothing.
+- ``LiveTensorBytes``: a deterministic peak-memory probe for in-process tests (tensor storages
+  created inside a ``with`` block), used where RSS would be too noisy to assert a margin.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import lightning as L
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from grace_lightning.module import GraceModule
 
@@ -60,3 +65,41 @@ class StallAt(L.Callback):
         if trainer.global_step >= self.step and not self.marker.exists():  # once: a rerun runs
             self.marker.touch()
             time.sleep(3600)  # the test kills us here
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created by aten ops inside the ``with`` block.
+
+    Every op output (forward and backward; autograd runs them on this thread's dispatch modes)
+    adds its storage's bytes until the storage is freed. Tensors that existed before (weights)
+    are not counted, nor are views and in-place results of an op's inputs (``weight.t()`` in
+    every ``linear`` would otherwise count each weight once, for good); gradients written
+    during backward are. Scratch memory inside a single kernel is not seen. Deterministic,
+    unlike RSS, so a margin can be asserted without flakes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if n and key not in self._sizes and key not in inputs:
+                    self._sizes[key] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)

@@ -4,45 +4,12 @@ computation, and a peak memory that does not grow with rows x length x vocab."""
 from __future__ import annotations
 
 import copy
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from grace_lightning.rl.policy import response_logprobs, token_logprobs
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storages created by aten ops inside the ``with`` block.
-
-    Every op output (forward and backward; autograd runs them on this thread's dispatch modes)
-    adds its storage's bytes until the storage is freed. Tensors that existed before (weights)
-    are not counted; gradients written during backward are. Scratch memory inside a single
-    kernel is not seen. Deterministic, unlike RSS, so a margin can be asserted without flakes.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, n = storage.data_ptr(), storage.nbytes()
-                if n and key not in self._sizes:
-                    self._sizes[key] = n
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
+from tests.probes import LiveTensorBytes
 
 
 def _batch(vocab: int, P=2, K=3, Lp=6, R=9, seed=0):
