@@ -79,6 +79,10 @@ def test_pool_serves_several_calls_and_reads_attributes(tmp_path):
         assert enc.mode == "rationale" and len(enc.fingerprint) == 64
         assert enc.model.config.hidden_size == 64
         assert sum(p.numel() for p in enc.model.parameters()) > 0
+        from grace_lightning.eval.mteb_model import GraceMTEBModel  # what eval.py wraps it in
+
+        meta = GraceMTEBModel(enc).mteb_model_meta
+        assert meta.embed_dim == 64 and meta.revision == enc.fingerprint[:12]
         one = enc.encode(TEXTS[0])  # a single string gives a 1-D vector
         assert one.shape == (64,)
         unit = enc.encode(TEXTS[:4], normalize_embeddings=True)
