@@ -33,6 +33,7 @@ IN_DEFAULTS = {
     "trainer",
     "logger",
     "callbacks",
+    "dev",
     "eval",
     "experiment",
     "hparams_search",
