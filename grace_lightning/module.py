@@ -199,9 +199,10 @@ class GraceModule(L.LightningModule):
 
         t0 = time.perf_counter()
         joint = self.joint_targets(rollouts, anchors, b)
-        metrics.update(
-            self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1), joint=joint)
-        )
+        # only with the joint loss on: subclasses that override update(ro, adv, weight) (e.g.
+        # tests/probes.py) keep working with the paper's objective
+        kw = {"joint": joint} if joint is not None else {}
+        metrics.update(self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1), **kw))
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
         metrics["skipped_steps"] = float(self.skipped_steps)
