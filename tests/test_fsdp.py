@@ -184,6 +184,7 @@ GRACE_CLI = [
     "data.max_examples=64",
     "data.prompts_per_step=2",
     "algo.prompts_per_minibatch=1",
+    "algo.micro_batch_size=1",  # 3 backward passes per optimiser step: accumulation
     "rollout.num_generations=3",
     "rollout.max_new_tokens=6",
     "prompt.max_prompt_tokens=96",
@@ -196,9 +197,10 @@ GRACE_CLI = [
 
 
 def test_grace_module_under_fsdp_cpu_equals_ddp(tmp_path):
-    """The real training loop (rollouts, rewards, several backward/step calls per rollout
-    batch, clipping, export, checkpoint) under trainer=fsdp_cpu ends with the weights of
-    trainer=ddp_cpu on the same data: FSDP shards, DDP replicates, the maths is the same."""
+    """The real training loop (rollouts, rewards, 2 optimiser steps per rollout batch of 3
+    micro-batch backward passes each, a binding clip, export, checkpoint) under
+    trainer=fsdp_cpu ends with the weights of trainer=ddp_cpu on the same data: FSDP shards
+    (and accumulates sharded gradients), DDP replicates (no_sync), the maths is the same."""
     from transformers import AutoModelForCausalLM
 
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -19,6 +19,7 @@ fires), and its ``clip_grad_norm_`` asserts the root is idle. So :class:`GraceFS
   (``ignored_states``) and its gradients are averaged over the ranks after every backward
   (:meth:`GraceFSDPStrategy.post_backward`), as DDP does; the layers are sharded;
 - runs FSDP's end-of-backward bookkeeping after every backward (``post_backward``);
+- accumulates micro-batch gradients sharded (no ``no_sync``: :meth:`block_backward_sync`);
 - clips over all shards (sharded squares summed over ranks + replicated counted once) with
   :meth:`GraceFSDPStrategy.clip_grad_norm_`, also reachable as ``strategy.model.clip_grad_norm_``.
 
@@ -172,6 +173,14 @@ class GraceFSDPStrategy(FSDPStrategy):
             yield
         finally:
             lightning_fsdp._get_full_state_dict_context = original
+
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """No ``no_sync`` for gradient accumulation over micro-batches: FSDP's ``no_sync``
+        keeps UNSHARDED gradients (the memory sharding saves) and refuses to run inside the
+        root's forward. Each micro-batch's backward reduce-scatters into the sharded
+        gradient, which accumulates (one collective per micro-batch, as verl)."""
+        yield
 
     def post_backward(self, closure_loss: torch.Tensor) -> None:
         """Average the gradients of the replicated (non-layer) parameters over the ranks after
