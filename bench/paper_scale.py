@@ -661,7 +661,7 @@ class Coeffs:
 
     kappa_full: float = 1.0  # measured / saved bytes of the layer activations, full FT
     kappa_lora: float = 1.0  # same, LoRA
-    grad_extra: float = 2.0  # bytes per trainable layer param beyond its fp32 grad (bf16 grads)
+    grad_extra: float = 4.0  # B per trainable layer param and pass: bf16 cast + its bf16 grad
     lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry), forward
     lm_bwd: float = 30.0  # same, the chunk's recompute + gradient at the start of the backward
     sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
@@ -816,22 +816,25 @@ def update_parts(
     - the end of the backward: activations freed, fp32 gradients + bf16 gradient buffers."""
     t = s.lora_params(st.lora_r, layers) if st.lora else s.params(layers)
     grads = 4 * t / st.devices
-    # bf16 gradients of the bf16 weight casts, alive until converted into the fp32 grads
-    extra = c.grad_extra * (t - (0 if st.lora else s.embed_params())) / st.devices
+    t_layers = t - (0 if st.lora else s.embed_params())  # trainable params inside the layers
+    # per pass: the saved bf16 weight casts and their bf16 gradients, alive until each layer's
+    # backward converts them into fp32 grads (GC: one layer at a time)
+    passes = 2 if st.share_prompt and not st.gc else 1
+    extra = c.grad_extra * (t_layers / layers if st.gc else passes * t_layers) / st.devices
+    # earlier micro-batches' gradients (the tied embedding's are already in tied_grad)
+    earlier = 4 * t_layers / st.devices if accumulating else 0.0
     fwd = forward_parts(
         s, layers, st, rows, k, prompt_len, response_len, c, lay, vocab_chunk, backward=True
     )
     parts = {"const": c.update_const}
     if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
         parts["tied_grad"] = 6 * s.embed_params()
-    # earlier micro-batches' gradients (the tied embedding's are already in tied_grad)
-    earlier = 4 * (t - (0 if st.lora else s.embed_params())) / st.devices if accumulating else 0.0
-    if sum(fwd.values()) + earlier >= grads + extra:
+    if sum(fwd.values()) + earlier >= grads + extra + earlier:
         parts.update(fwd)
         if accumulating:
             parts["grads"] = earlier
-    else:
-        parts.update({"grads": grads, "grad_extra": extra})
+    else:  # accumulating: the new fp32 grads exist next to the accumulated ones for a moment
+        parts.update({"grads": grads + earlier, "grad_extra": extra})
     return parts
 
 
@@ -989,7 +992,7 @@ FIT_PARAMS = [  # (name, prior, low, high): a weak pull towards the prior keeps 
     ("lm_bwd", 30.0, 0.0, 200.0),
     ("sample", 30.0, 0.0, 400.0),
     ("prefill", 1.0, 0.0, 10.0),
-    ("grad_extra", 2.0, 0.0, 12.0),
+    ("grad_extra", 4.0, 0.0, 12.0),
     ("update_const", 0.0, -0.5 * GIB, 1.0 * GIB),
     ("rollout_const", 0.0, -0.5 * GIB, 1.0 * GIB),
 ]
