@@ -99,7 +99,7 @@ def test_plan_orders_overrides_and_evaluates_trained_rows_on_their_run(tmp_path)
     # shared -> speed-ups -> dev -> group -> row -> budget -> extras: the row's own come later
     assert args.index("trainer=cpu_bf16") < args.index("rollout.num_generations=4")
     assert args.index("rollout.num_generations=4") < args.index("algo.contrastive_weight=0.5")
-    assert "++trainer.max_time='00:00:12:00'" in args  # equal wall-time budget (train_minutes)
+    assert "++trainer.max_time='00:00:10:00'" in args  # equal wall-time budget (train_minutes)
     assert args[-1] == f"hydra.run.dir={out / 'grace_sup_joint' / 'train'}"
     ev = next(s for s in stages if s.row == "grace_sup_joint" and s.kind == "eval")
     assert ev.argv[1:3] == ["-m", "grace_lightning.study.eval_stage"]  # eval.py + per-example
@@ -119,8 +119,8 @@ def test_plan_orders_overrides_and_evaluates_trained_rows_on_their_run(tmp_path)
     only = study_cfg(tmp_path, "only=[two_stage]")
     assert list(selected_rows(only)) == ["infonce", "two_stage"]
     lines = budget_lines(only, selected_rows(only))
-    assert lines[1].split()[:2] == ["infonce", "12.0"] and lines[2].split()[-1] == "infonce"
-    assert lines[-1].split()[:2] == ["total", f"{12 + 5 + 12 + 21:.1f}"]
+    assert lines[1].split()[:2] == ["infonce", "10.0"] and lines[2].split()[-1] == "infonce"
+    assert lines[-1].split()[:2] == ["total", f"{10 + 8 + 10 + 22:.1f}"]
 
 
 def test_v1_config_still_plans_with_eval_py(tmp_path):
@@ -186,14 +186,16 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, capsys):
         assert general["perplexity"] > 1 and 0 <= general["keyword_acc"] <= 1
     # the two-stage policy started from the InfoNCE export, within the wall-time budget
     resolved = (out / "two_stage" / "train" / ".hydra" / "config.yaml").read_text()
-    assert f"pretrained: {out / 'infonce' / 'train' / 'export'}" in resolved
+    assert f"init_from: {out / 'infonce' / 'train' / 'export'}" in resolved
+    assert "pretrained: ${init_from}" in resolved  # conf/experiment/two_stage_sup.yaml
     assert "max_time:" in resolved and "00:00:05:00" in resolved
     # per-example data: STS / retrieval / classification recomputed = mteb's reported score
     for row in ("infonce", "two_stage"):
         ex = load_examples(out / row / "eval" / "per_example.json")
         assert sorted(ex) == ["LocalSTS12", "LocalSciFactTrain", "LocalTRECClassification"]
         for e in ex.values():
-            assert e.n == 8 and e.extra["recomputed"] == pytest.approx(e.reported, abs=1e-6)
+            # mteb stores its scores rounded to 4 decimals (x100: 2 decimals)
+            assert e.n == 8 and e.extra["recomputed"] == pytest.approx(e.reported, abs=0.006)
     a = load_examples(out / "infonce" / "eval" / "per_example.json")
     b = load_examples(out / "two_stage" / "eval" / "per_example.json")
     assert all(a[t].key == b[t].key for t in a)  # same examples: paired

@@ -272,15 +272,22 @@ def ndcg_at_10_per_query(
     dids: Sequence[str],
     qrels: Mapping[str, Mapping[str, int]],
     k: int = 100,
+    ignore_identical_ids: bool = False,
 ) -> np.ndarray:
     """Per-query nDCG@10 x100 (pytrec_eval ``ndcg_cut_10``, as mteb) of cosine ranking;
-    q_emb (Q, D), d_emb (N, D) -> (Q,). Only the top ``k`` documents per query are scored."""
+    q_emb (Q, D), d_emb (N, D) -> (Q,). Only the top ``k`` documents per query are scored;
+    ``ignore_identical_ids``: drop a document whose id equals the query's (mteb's task knob)."""
     import pytrec_eval
 
     sims = _unit(q_emb) @ _unit(d_emb).T  # (Q, N)
     top = np.argsort(-sims, axis=1)[:, :k]
     run = {
-        q: {dids[j]: float(sims[i, j]) for j in top[i] if dids[j] != q} for i, q in enumerate(qids)
+        q: {
+            dids[j]: float(sims[i, j])
+            for j in top[i]
+            if not (ignore_identical_ids and dids[j] == q)
+        }
+        for i, q in enumerate(qids)
     }
     judged = {q: {d: int(s) for d, s in qrels[q].items()} for q in qids}
     per = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10"}).evaluate(run)

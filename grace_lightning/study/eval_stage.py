@@ -144,7 +144,14 @@ def task_examples(cfg: DictConfig, rec: Recorder, task) -> bs.TaskExamples | Non
         dtexts = [(f"{t} {x}".strip() if t else x) for t, x in zip(corpus["title"], corpus["text"])]
         q = rec.embed(cfg, task, qtexts, PromptType.query)
         dv = rec.embed(cfg, task, dtexts, PromptType.document)
-        per = bs.ndcg_at_10_per_query(q, dv, qids, dids, data["relevant_docs"])
+        per = bs.ndcg_at_10_per_query(
+            q,
+            dv,
+            qids,
+            dids,
+            data["relevant_docs"],
+            ignore_identical_ids=bool(getattr(task, "ignore_identical_ids", False)),
+        )
         return bs.TaskExamples(name, "Retr", "mean", per, key=bs.text_key(qtexts + dtexts))
     if ttype == "Classification":
         from mteb.timing import TimingStack
