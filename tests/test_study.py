@@ -157,6 +157,7 @@ def test_samples_markdown_and_readme_markers(tmp_path):
     assert not update_readme(plain, "x") and plain.read_text() == "no markers\n"
 
 
+@pytest.mark.slow  # 7 subprocesses (train x2, eval x2 + a resumed one, general x2)
 @pytest.mark.skipif(not DATA_ROOT.is_dir(), reason="needs ../shared/data")
 def test_tiny_study_runs_resumes_and_reports(tmp_path, capsys):
     """The two-stage row on the tiny model end to end (train.py, the eval stage and the general
