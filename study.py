@@ -1,8 +1,10 @@
-"""The paper's comparison (Tables 1-2) at small scale: train, evaluate, report (conf/study.yaml).
+"""Study v2 (conf/study.yaml): GRACE vs contrastive fine-tuning at small scale, with intervals.
 
 python study.py                      # run or resume every stage, then write docs/study/ + README
 python study.py report_only=true     # just the report, from the stages that have finished
-python study.py only=[base,reasoning] dry_run=true   # print the commands of these rows
+python study.py only=[two_stage]     # one row (and the infonce row it starts from)
+python study.py dry_run=true         # print the budget and every stage's command, run nothing
+python study.py --config-name study_v1   # the first study (v1 rows, eval.py, no intervals)
 """
 
 import hydra
