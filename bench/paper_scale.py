@@ -785,8 +785,11 @@ def forward_parts(
     chunk = resp if vocab_chunk is None else min(resp, vocab_chunk)
     parts = {
         "activations": act,
-        # chunk logits (+ their gradient in the backward) + the response hidden states
-        "lm_head": (c.lm_bwd if backward else c.lm) * chunk * s.vocab + 8 * s.hidden * resp,
+        # chunk logits (+ their gradient in the backward) + the response hidden states + the
+        # LM head's bf16 weight cast (no autocast cache: made again for every chunk)
+        "lm_head": (c.lm_bwd if backward else c.lm) * chunk * s.vocab
+        + 8 * s.hidden * resp
+        + 2 * s.embed_params(),
     }
     if not st.gc and st.share_prompt:  # each row's gathered prompt K/V, saved by attention
         parts["kv_gather"] = rows * prompt_len * s.kv_bytes_per_token(layers)
