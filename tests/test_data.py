@@ -30,6 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GRACE_DATA_ROOT", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True)
+def _arrow_stores_in_tmp(tmp_path, monkeypatch):
+    """Datamodules built here keep their Arrow stores in the test's tmp dir, not in the user's
+    $GRACE_CACHE (the offline default data itself still comes from there)."""
+    import grace_lightning.data.datamodule as dm_mod
+
+    monkeypatch.setattr(dm_mod, "data_cache_dir", lambda: tmp_path / "grace_cache" / "data")
+
+
 def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
     with path.open("wb") as f:
         for line in lines:
