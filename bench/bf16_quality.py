@@ -12,7 +12,9 @@ On the embedded default (SmolLM2-135M-Instruct, real weights), fp32 master weigh
                  vs an fp32 pooling of the very same tokens (what GraceEncoder stores);
    - end to end: bf16 rationale + embedding vs fp32 rationale + embedding (same per-text seeds;
                  differs wherever bf16 logits flip a sampled token), with the share of texts
-                 whose rationale is identical.
+                 whose rationale is identical; next to it fp32 vs fp32 with other seeds, the
+                 spread any other rationale gives (the scale to judge the bf16 row by).
+   Seconds per pass are printed for scale only (timed once, no warm-up): use bench/encode.py.
 2. Sampled vs loss-pass log-probs (the PPO ratio at the first mini-batch, which should be 1):
    bench triplets' policy prompts x K rollouts, the engine's recorded log-probs vs
    ``response_logprobs`` of the same tokens; mean and max of |exp(logp_loss - logp_sampled) - 1|
@@ -103,6 +105,8 @@ def main() -> None:
         out[name, "tokens"] = [
             row[m.bool()].tolist() for row, m in zip(ro.response_ids, ro.response_mask)
         ]
+    # natural spread of end-to-end embeddings: fp32 again with other per-text seeds
+    other = engine.generate(ids, 1, 1.0, sl, seeds=[text_seed(1, t) for t in texts]).pooled
     # the fp32 rationale's tokens, pooled under each precision
     seqs = [a + b for a, b in zip(ids, out["fp32", "tokens"])]
     seqs_bf16 = [a + b for a, b in zip(ids, out["bf16", "tokens"])]
@@ -127,6 +131,10 @@ def main() -> None:
     print(
         f"   end to end (own rationales):           {cos_stats(out['bf16', 'engine'], out['fp32', 'engine'])}"
         f"; identical rationales {same}/{len(texts)}"
+    )
+    print(
+        f"   fp32 vs fp32 with other seeds:         {cos_stats(other, out['fp32', 'engine'])}"
+        "  (the spread a different rationale gives)"
     )
     print(
         "   seconds fp32 / bf16: base {:.2f} / {:.2f}, rationale {:.1f} / {:.1f}\n".format(
