@@ -1190,7 +1190,18 @@ LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {  # bytes: full per token, weights
     "llama": LayerSaved(162920, 201351168, 202052, 171323392),
     "qwen3": LayerSaved(196904, 201872384, 240132, 171994112),
 }
-DEFAULT_COEFFS = Coeffs()
+# this script's fit (python bench/paper_scale.py, 2-core Xeon, Nov 2026); --predict-only / --gpu
+DEFAULT_COEFFS = Coeffs(
+    kappa_full=1.134,
+    kappa_lora=2.254,
+    grad_extra=4.478,
+    lm=7.233,
+    lm_bwd=9.665,
+    sample=17.32,
+    prefill=0.3759,
+    update_const=0.387 * GIB,
+    rollout_const=0.020 * GIB,
+)
 
 
 def layer_table(keys, cache: Path | None = None) -> dict[str, LayerSaved]:
