@@ -499,6 +499,8 @@ def default_grid() -> list[Point]:
         replace(base, layers=2, label="layers 2"),
         replace(base, response_len=64, label="response 64"),
         replace(mid, lora=True, label="mid, LoRA"),
+        replace(mid, lora=True, layers=2, label="mid, LoRA, layers 2"),
+        replace(mid, lora=True, gc=True, label="mid, LoRA, grad ckpt"),
         replace(mid, gc=True, label="mid, grad ckpt"),
         replace(mid, micro_rows=4, label="mid, micro-batch 4 rows"),
         replace(base, roll_rows=4, label="rollout budget 4 rows"),
@@ -1192,15 +1194,15 @@ LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {  # bytes: full per token, weights
 }
 # this script's fit (python bench/paper_scale.py, 2-core Xeon, Nov 2026); --predict-only / --gpu
 DEFAULT_COEFFS = Coeffs(
-    kappa_full=1.134,
-    kappa_lora=2.254,
+    kappa_full=1,
+    kappa_lora=1.308,
     grad_extra=4.478,
-    lm=7.233,
-    lm_bwd=9.665,
-    sample=17.32,
-    prefill=0.3759,
+    lm=8.072,
+    lm_bwd=10.3,
+    sample=17.55,
+    prefill=0.3365,
     update_const=0.387 * GIB,
-    rollout_const=0.020 * GIB,
+    rollout_const=0.022 * GIB,
 )
 
 
