@@ -681,3 +681,34 @@ def test_prompt_config_maps_to_system_prompts():
         {"system_prompt": "S", "query": "Q", "document": None, "by_task": {"STS": "T"}}
     )
     assert got == {"system_prompt": "S", "prompts": {"query": "Q", "STS": "T"}}
+
+
+@needs_data
+def test_eval_num_processes_2_gives_the_scores_of_one_process(tmp_path):
+    """``eval.py num_processes=2``: rationale generation sharded over 2 CPU processes, caches
+    merged; per-text seeded sampling makes every score equal to the 1-process run."""
+    from grace_lightning.eval.run import evaluate
+
+    only = "tasks=[LocalSTS12,LocalSICKTrial]"
+    runs = {}
+    for n in (1, 2):
+        cache = f"cache.path={tmp_path / f'rationales{n}.sqlite'}"
+        out = tmp_path / f"p{n}"
+        runs[n] = evaluate(
+            eval_cfg(out, [*FAST_LOCAL, cache, only, "mode=rationale", f"num_processes={n}"])
+        )
+    assert runs[2]["encoder_stats"]["generated"] == runs[1]["encoder_stats"]["generated"] > 0
+    assert [t["score"] for t in runs[2]["tasks"]] == pytest.approx(
+        [t["score"] for t in runs[1]["tasks"]], abs=1e-6
+    )
+    # the workers' cache shards were merged into the main cache: every rationale is there
+    from grace_lightning.eval.cache import RationaleCache
+
+    def rows(path):
+        cache = RationaleCache(path)
+        try:
+            return cache._db.execute("SELECT COUNT(*) FROM rationales").fetchone()[0]
+        finally:
+            cache.close()
+
+    assert rows(tmp_path / "rationales2.sqlite") == rows(tmp_path / "rationales1.sqlite") > 0

@@ -169,6 +169,34 @@ def evaluate_tasks(model, tasks, out_dir: Path, batch_size: int, overwrite: str)
     return rows
 
 
+def build_encoder(cfg: DictConfig):
+    """The encoder ``cfg`` asks for: one ``GraceEncoder``, or with ``num_processes > 1`` a
+    ``DistributedEncoder`` (one process per device, texts sharded, rationale caches merged; the
+    same vectors as one process: per-text seeded sampling)."""
+    kwargs = dict(
+        mode=cfg.mode,
+        dtype=cfg.get("dtype"),
+        generation=GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True)),
+        **_prompt_kwargs(cfg.get("prompt") or {}),
+    )
+    cache = Path(cfg.cache.path) if cfg.cache.enabled and cfg.mode == "rationale" else None
+    processes = int(cfg.get("num_processes") or 1)
+    precision = cfg.get("precision") or "fp32"
+    if processes > 1:
+        import functools
+
+        from grace_lightning.eval.distributed import DistributedEncoder
+
+        factory = functools.partial(load_encoder, str(cfg.model), **kwargs)
+        return DistributedEncoder(factory, processes, cache=cache, precision=precision)
+    encoder = load_encoder(cfg.model, device=cfg.get("device"), cache=cache, **kwargs)
+    if precision == "bf16":
+        from grace_lightning.eval.distributed import with_autocast
+
+        encoder.encode = with_autocast(encoder, precision)  # fp32 weights, bf16 matmuls
+    return encoder
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg`` (``conf/eval.yaml``); returns the run summary written to ``scores.json``."""
     out_dir = Path(cfg.paths.output_dir)
@@ -183,15 +211,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     preflight(tasks)
 
-    encoder = load_encoder(
-        cfg.model,
-        mode=cfg.mode,
-        device=cfg.get("device"),
-        dtype=cfg.get("dtype"),
-        generation=GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True)),
-        cache=Path(cfg.cache.path) if cfg.cache.enabled and cfg.mode == "rationale" else None,
-        **_prompt_kwargs(cfg.get("prompt") or {}),
-    )
+    encoder = build_encoder(cfg)
     from grace_lightning.eval.mteb_model import GraceMTEBModel
 
     label = cfg.get("label") or f"{encoder.name} ({cfg.mode})"
