@@ -391,7 +391,6 @@ class DistributedEncoder:
     ):
         """``GraceEncoder.encode`` over the workers: same arguments, same result, input order."""
         import torch
-        import torch.nn.functional as F
 
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
@@ -414,12 +413,17 @@ class DistributedEncoder:
         else:
             emb = torch.empty(0, int(self.model.config.hidden_size))
         rationales = [why[t] for t in texts]
-        if normalize_embeddings:
-            emb = F.normalize(emb, dim=-1)
-        if single:
-            emb, rationales = emb[0], rationales[0]
-        out = emb if convert_to_tensor or not convert_to_numpy else emb.numpy()
-        return (out, rationales) if return_rationales else out
+        from grace_lightning.eval.encoder import encode_output
+
+        return encode_output(
+            emb,
+            rationales,
+            single=single,
+            normalize_embeddings=normalize_embeddings,
+            convert_to_numpy=convert_to_numpy,
+            convert_to_tensor=convert_to_tensor,
+            return_rationales=return_rationales,
+        )
 
     def merge_cache(self, delete: bool = False) -> int:
         if self.cache_path is None:

@@ -318,12 +318,15 @@ class GraceEncoder:
             rationales: list[str | None] = [None] * len(texts)
         else:
             emb, rationales = self._encode_rationale(texts, prompter, batch_size, show_progress_bar)
-        if normalize_embeddings:
-            emb = F.normalize(emb, dim=-1)
-        if single:
-            emb, rationales = emb[0], rationales[0]
-        out = emb if convert_to_tensor or not convert_to_numpy else emb.numpy()
-        return (out, rationales) if return_rationales else out
+        return encode_output(
+            emb,
+            rationales,
+            single=single,
+            normalize_embeddings=normalize_embeddings,
+            convert_to_numpy=convert_to_numpy,
+            convert_to_tensor=convert_to_tensor,
+            return_rationales=return_rationales,
+        )
 
     def encode_query(self, sentences, prompt_name: str | None = None, **kwargs: Any):
         """``encode`` with the ``"query"`` system prompt (if ``prompts`` has one)."""
@@ -429,6 +432,26 @@ class GraceEncoder:
             )
             for k, r, fin, vec in zip(keys, ids, out.finished.tolist(), pooled)
         }
+
+
+def encode_output(
+    emb: torch.Tensor,
+    rationales: list,
+    *,
+    single: bool,
+    normalize_embeddings: bool,
+    convert_to_numpy: bool,
+    convert_to_tensor: bool,
+    return_rationales: bool,
+):
+    """``encode``'s return value from (N, D) embeddings and N rationales, as sentence-transformers:
+    normalised on request, 1-D for a single string, numpy unless a tensor is asked for."""
+    if normalize_embeddings:
+        emb = F.normalize(emb, dim=-1)
+    if single:
+        emb, rationales = emb[0], rationales[0]
+    out = emb if convert_to_tensor or not convert_to_numpy else emb.numpy()
+    return (out, rationales) if return_rationales else out
 
 
 def _saved_dtype(export: Path) -> str:

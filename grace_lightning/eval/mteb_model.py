@@ -33,6 +33,22 @@ if TYPE_CHECKING:
     from grace_lightning.eval.encoder import GraceEncoder
 
 
+# ModelMeta fields every GRACE model shares (model_meta and grace_model_meta)
+_META_COMMON: dict[str, Any] = dict(
+    release_date=None,
+    languages=["eng-Latn"],
+    memory_usage_mb=None,
+    license=None,
+    open_weights=True,
+    public_training_code="https://github.com/GasolSun36/GRACE",
+    public_training_data=None,
+    framework=["PyTorch", "Transformers"],
+    reference="https://arxiv.org/abs/2510.04506",
+    similarity_fn_name="cosine",
+    training_datasets=None,
+)
+
+
 def model_meta(encoder: GraceEncoder, name: str | None = None) -> ModelMeta:
     """Metadata of an encoder: ``grace-lightning/<name>`` at revision ``<fingerprint[:12]>``."""
     name = name or encoder.name
@@ -51,22 +67,12 @@ def model_meta(encoder: GraceEncoder, name: str | None = None) -> ModelMeta:
         loader=None,
         name=name,
         revision=encoder.fingerprint[:12],
-        release_date=None,
-        languages=["eng-Latn"],
         n_parameters=n_params,
-        memory_usage_mb=None,
         max_tokens=float(encoder.max_prompt_tokens),
         embed_dim=int(encoder.model.config.hidden_size),
-        license=None,
-        open_weights=True,
-        public_training_code="https://github.com/GasolSun36/GRACE",
-        public_training_data=None,
-        framework=["PyTorch", "Transformers"],
-        reference="https://arxiv.org/abs/2510.04506",
-        similarity_fn_name="cosine",
         use_instructions=False,
-        training_datasets=None,
         experiment_kwargs=experiment,
+        **_META_COMMON,
     )
 
 
@@ -196,22 +202,12 @@ def grace_model_meta(
         },
         name=name if "/" in name else f"grace-lightning/{name}",
         revision=revision,
-        release_date=None,
-        languages=["eng-Latn"],
         n_parameters=None,
-        memory_usage_mb=None,
         max_tokens=None,
         embed_dim=config.get("hidden_size"),
-        license=None,
-        open_weights=True,
-        public_training_code="https://github.com/GasolSun36/GRACE",
-        public_training_data=None,
-        framework=["PyTorch", "Transformers"],
-        reference="https://arxiv.org/abs/2510.04506",
-        similarity_fn_name="cosine",
         use_instructions=bool(model_prompts),
-        training_datasets=None,
         experiment_kwargs=experiment,
+        **_META_COMMON,
     )
 
 

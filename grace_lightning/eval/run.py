@@ -169,6 +169,18 @@ def evaluate_tasks(model, tasks, out_dir: Path, batch_size: int, overwrite: str)
     return rows
 
 
+def tasks_from_cfg(cfg: DictConfig) -> list:
+    """The MTEB tasks of ``cfg.eval`` (the suite), restricted to ``cfg.tasks`` when given."""
+    suite = OmegaConf.to_container(cfg.eval, resolve=True)
+    return build_tasks(
+        suite,
+        only=list(cfg.tasks) if cfg.get("tasks") else None,
+        data_root=suite.get("data_root"),
+        max_samples=suite.get("max_samples"),
+        seed=int(cfg.get("task_seed", 42)),
+    )
+
+
 def build_encoder(cfg: DictConfig):
     """The encoder ``cfg`` asks for: one ``GraceEncoder``, or with ``num_processes > 1`` a
     ``DistributedEncoder`` (one process per device, texts sharded, rationale caches merged; the
@@ -201,14 +213,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg`` (``conf/eval.yaml``); returns the run summary written to ``scores.json``."""
     out_dir = Path(cfg.paths.output_dir)
     os.environ.setdefault("MTEB_CACHE", str(out_dir / "mteb"))  # mteb's default cache: not ~/.cache
-    suite = OmegaConf.to_container(cfg.eval, resolve=True)
-    tasks = build_tasks(
-        suite,
-        only=list(cfg.tasks) if cfg.get("tasks") else None,
-        data_root=suite.get("data_root"),
-        max_samples=suite.get("max_samples"),
-        seed=int(cfg.get("task_seed", 42)),
-    )
+    tasks = tasks_from_cfg(cfg)
     preflight(tasks)
 
     encoder = build_encoder(cfg)
@@ -222,7 +227,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "label": label,
         "model": str(cfg.model),
         "mode": cfg.mode,
-        "suite": suite.get("name"),
+        "suite": cfg.eval.get("name"),
         "fingerprint": encoder.fingerprint,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "system_prompt": encoder.system_prompt,

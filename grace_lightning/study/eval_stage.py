@@ -183,16 +183,9 @@ def task_examples(cfg: DictConfig, rec: Recorder, task) -> bs.TaskExamples | Non
 
 
 def per_example(cfg: DictConfig, run: dict[str, Any], rec: Recorder) -> dict[str, bs.TaskExamples]:
-    from grace_lightning.eval.suites import build_tasks
+    from grace_lightning.eval.run import tasks_from_cfg
 
-    suite = OmegaConf.to_container(cfg.eval, resolve=True)
-    tasks = build_tasks(
-        suite,
-        only=list(cfg.tasks) if cfg.get("tasks") else None,
-        data_root=suite.get("data_root"),
-        max_samples=suite.get("max_samples"),
-        seed=int(cfg.get("task_seed", 42)),
-    )
+    tasks = tasks_from_cfg(cfg)
     reported = {r["task"]: r["score"] for r in run["tasks"]}
     out: dict[str, bs.TaskExamples] = {}
     for task in tasks:
