@@ -109,12 +109,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         datamodule=datamodule,
         ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir),
     )
+    print_dev_summary(trainer)
     metrics = {
         k: float(v)
         for k, v in trainer.callback_metrics.items()
         if torch.is_tensor(v) and v.numel() == 1
     }
     return metrics, {"cfg": cfg, "model": model, "trainer": trainer, "datamodule": datamodule}
+
+
+def print_dev_summary(trainer: L.Trainer) -> None:
+    """Print the dev callback's before/after table (rank 0): what a new user sees at the end."""
+    from grace_lightning.callbacks.dev_eval import DevEvaluation
+
+    if not trainer.is_global_zero:
+        return
+    for cb in trainer.callbacks:
+        text = cb.summary() if isinstance(cb, DevEvaluation) else None
+        if text:
+            print(text, flush=True)
 
 
 def metric_value(metrics: dict[str, float], name: str | None) -> float | None:

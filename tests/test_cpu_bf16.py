@@ -15,6 +15,7 @@ from grace_lightning.train import train
 from .conftest import DATA_ROOT, ROOT
 
 OVERRIDES = [
+    "experiment=none",  # the group defaults, not the quickstart job
     "trainer=cpu_bf16",
     "backbone=tiny",
     "data=shared",

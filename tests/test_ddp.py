@@ -23,6 +23,7 @@ import torch
 from .conftest import DATA_ROOT, ROOT
 
 COMMON = [
+    "experiment=none",  # the group defaults, not the quickstart job
     "backbone=tiny",
     "reward=sup",
     "data=shared",

@@ -55,6 +55,24 @@ def test_dev_pairs_are_seeded_subsets_and_test_files_are_refused(tmp_path):
         load_dev_pairs(DevTask("x", "nowhere/dev.jsonl"), DATA_ROOT)
 
 
+def test_summary_survives_a_resume():
+    """A resumed run scored its start before the kill: the summary comes from the state dict."""
+    cb = DevEvaluation(max_samples=4)
+    cb.history = [
+        {"rollout_batch": 0.0, "val/dev_avg": 10.0},
+        {"rollout_batch": 2.0, "val/dev_avg": 12.0},
+    ]
+    cb.mode_at_start = "rationale"
+    state = cb.state_dict()
+    again = DevEvaluation(max_samples=4)
+    again.load_state_dict(state)
+    assert again.summary() is None  # nothing scored since the resume
+    again.history = [{"rollout_batch": 5.0, "val/dev_avg": 17.5}]
+    text = again.summary()
+    assert "base model, w/ reasoning" in text and "trained, 5 rollout batches" in text
+    assert "dev_avg +7.50 over the untrained model (w/ reasoning)" in text
+
+
 def test_bad_knobs_fail_with_what_to_change():
     with pytest.raises(ValueError, match="mode"):
         DevEvaluation(mode="mean")
@@ -117,8 +135,8 @@ def test_training_logs_dev_scores_and_checkpoint_keeps_the_best(tmp_path, monkey
     # a known dev score per evaluation: 10 at start, then 30, 20, 20 after rollout batches 1-3
     values = iter([10.0, 30.0, 20.0, 20.0])
 
-    def fake_evaluate(self, pl_module):
-        v = next(values)
+    def fake_evaluate(self, pl_module, mode=None):
+        v = 5.0 if mode == "base" else next(values)  # base: the untrained model, no rationale
         return {"val/stsb_dev": v, "val/sick_trial": v, "val/dev_avg": v}
 
     monkeypatch.setattr(DevEvaluation, "evaluate", fake_evaluate)
@@ -140,9 +158,16 @@ def test_training_logs_dev_scores_and_checkpoint_keeps_the_best(tmp_path, monkey
     logged = [float(r["val/dev_avg"]) for r in rows if r.get("val/dev_avg")]
     assert logged == [10.0, 30.0, 20.0, 20.0]
 
+    # the closing table train.py prints: base (no rationale), untrained w/ reasoning, final
+    lines = dev.summary().splitlines()
+    assert lines[2].startswith("base model, no rationale") and lines[2].split()[-1] == "5.00"
+    assert lines[3].startswith("base model, w/ reasoning") and lines[3].split()[-1] == "10.00"
+    assert lines[4].startswith("trained, 3 rollout batches") and lines[4].split()[-1] == "20.00"
+    assert "dev_avg +10.00 over the untrained model" in lines[5]
+
 
 @pytest.mark.parametrize(("method", "mode"), [("grace", "rationale"), ("infonce", "base")])
-def test_real_scores_in_a_tiny_run(tmp_path, method, mode):
+def test_real_scores_in_a_tiny_run(tmp_path, method, mode, capsys):
     """Without the fake: the callback scores the tiny policy during training, in the mode the
     run is evaluated in (auto: rationale for GRACE, base for the contrastive baseline)."""
     from grace_lightning.train import train
@@ -165,3 +190,8 @@ def test_real_scores_in_a_tiny_run(tmp_path, method, mode):
     assert len(dev.history) == 2  # at start + after the only rollout batch
     assert all(math.isfinite(h["val/dev_avg"]) for h in dev.history)
     assert "val/dev_avg" in objects["trainer"].callback_metrics
+    # rationale runs also score the untrained model without a rationale (the paper's Base row)
+    assert (dev.start_base is not None) == (mode == "rationale")
+    text = dev.summary()
+    assert "trained, 1 rollout batches" in text and f"{dev.history[-1]['val/dev_avg']:.2f}" in text
+    assert capsys.readouterr().out.count("Dev score (Spearman") == 1  # printed by train()

@@ -175,6 +175,7 @@ def test_decoder_layer_classes_from_config_and_model(tiny_backbone):
 
 
 GRACE_CLI = [
+    "experiment=none",  # the group defaults, not the quickstart job
     "backbone=tiny",
     "reward=sup",
     "logger=none",

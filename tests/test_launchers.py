@@ -140,6 +140,7 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 REQUEUE_CLI = [
+    "experiment=none",  # the group defaults, not the quickstart job
     "backbone=tiny",
     "reward=sup",
     "data=shared",

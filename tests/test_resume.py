@@ -136,6 +136,7 @@ def test_wandb_id_is_kept_in_the_run_dir_and_reused_on_resume(tmp_path):
 # ----------------------------------------------------------------------------- kill -9, resume
 
 CLI = [
+    "experiment=none",  # the group defaults, not the quickstart job
     "backbone=tiny",
     "reward=sup",
     "data=shared",

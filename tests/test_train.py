@@ -26,10 +26,15 @@ HUB_BACKBONES = {
 }
 
 
-def make_cfg(overrides: list[str], out_dir: Path | None = None):
+def make_cfg(overrides: list[str], out_dir: Path | None = None, preset: str = "none"):
+    """train.yaml composed with ``overrides``; ``preset``: the experiment the overrides start
+    from (``none`` = the group defaults, not `python train.py`'s quickstart; a later
+    ``experiment=...`` in ``overrides`` wins)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=[f"experiment={preset}", *overrides], return_hydra_config=True
+        )
     if out_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(out_dir)
@@ -39,6 +44,7 @@ def make_cfg(overrides: list[str], out_dir: Path | None = None):
 
 
 TINY = [
+    "experiment=none",  # the group defaults (subprocess runs do not go through make_cfg)
     "backbone=tiny",
     "data=shared",
     f"data.root={DATA_ROOT}",

@@ -22,6 +22,9 @@ batch was just scored. Those two are written to the loggers and ``trainer.callba
 directly (Lightning forbids ``self.log`` in ``on_train_start``/``on_train_end``).
 ``export_best_dir``: each new best dev score exports the policy there (``ExportPolicy``'s
 export, FSDP-safe), so that directory is always the best dev checkpoint.
+``base_reference``: a rationale run also scores the untrained model without a rationale at start
+(the paper's "Base" row; the run's own start score is its "w/ reasoning" row), so that
+``summary()`` - printed by ``train.py`` when training ends - shows the trained policy next to both.
 
 Modes: ``base`` (no rationale: mean over the prompt after the system prompt,
 `embedding.encode_prompts`), ``rationale`` (one sampled rationale per text from the training
@@ -198,6 +201,7 @@ class DevEvaluation(L.Callback):
         at_start, at_end: also score before the first update / when training ends.
         export_best_dir: export the policy here at every new best ``val/dev_avg`` (None: off).
         seed: the subsample seed (fixed over the run: every evaluation sees the same pairs).
+        base_reference: rationale runs also score the untrained model in base mode at start.
     """
 
     def __init__(
@@ -213,6 +217,7 @@ class DevEvaluation(L.Callback):
         at_end: bool = True,
         export_best_dir: str | None = None,
         seed: int = 42,
+        base_reference: bool = True,
     ):
         if mode not in ("auto", "base", "rationale"):
             raise ValueError(f"callbacks.dev_eval.mode={mode!r}: use auto, base or rationale")
@@ -238,6 +243,10 @@ class DevEvaluation(L.Callback):
         self.at_start, self.at_end = bool(at_start), bool(at_end)
         self.export_best_dir = Path(export_best_dir) if export_best_dir else None
         self.seed = int(seed)
+        self.base_reference = bool(base_reference)
+        self.start_base: dict[str, float] | None = None  # untrained model, base mode
+        self.start_scores: dict[str, float] | None = None  # untrained model, run mode (resume)
+        self.mode_at_start: str | None = None
         self.rollout_batches = 0
         self.last_scored = -1  # rollout batch count at the last evaluation
         self.best = -math.inf
@@ -256,13 +265,14 @@ class DevEvaluation(L.Callback):
             getattr(pl_module, "embedding_mode", "rationale") if self.mode == "auto" else self.mode
         )
 
-    def evaluate(self, pl_module) -> dict[str, float]:
-        """``{"val/<task>": score, ..., "val/dev_avg": mean}`` for the current policy."""
+    def evaluate(self, pl_module, mode: str | None = None) -> dict[str, float]:
+        """``{"val/<task>": score, ..., "val/dev_avg": mean}`` for the current policy, in the
+        run's mode (``mode=None``) or the one given."""
         if self._data is None:
             self._data = [
                 (t.name, *load_dev_pairs(t, self.data_root, self.seed)) for t in self.tasks
             ]
-        mode = self.resolved_mode(pl_module)
+        mode = mode or self.resolved_mode(pl_module)
         out: dict[str, float] = {}
         for name, s1, s2, gold in self._data:
             emb = embed_texts(
@@ -309,6 +319,13 @@ class DevEvaluation(L.Callback):
             scores = self.evaluate(pl_module)
             self._publish_directly(trainer, scores)
             self._after_scoring(trainer, pl_module, scores)
+            self.mode_at_start = self.resolved_mode(pl_module)
+            if self.base_reference and self.resolved_mode(pl_module) == "rationale":
+                self.start_base = self.evaluate(pl_module, mode="base")
+                log.info(
+                    "dev (base, untrained): %s",
+                    ", ".join(f"{k} {v:.2f}" for k, v in self.start_base.items()),
+                )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rollout_batches += 1
@@ -325,15 +342,53 @@ class DevEvaluation(L.Callback):
             self._publish_directly(trainer, scores)
             self._after_scoring(trainer, pl_module, scores)
 
+    # ------------------------------------------------------------------ report
+    def summary(self) -> str | None:
+        """The dev scores of the untrained model and of the final policy, one line each, or None
+        when the run did not score both (e.g. a resumed run whose start was scored before)."""
+        start = next((h for h in self.history if h["rollout_batch"] == 0), None)
+        if start is None and self.start_scores is not None:
+            start = self.start_scores
+        if start is None or not self.history or self.history[-1] is start:
+            return None
+        end = self.history[-1]
+        sizes = ", ".join(f"{name} {len(s1)} pairs" for name, s1, _, _ in self._data or [])
+        cols = [f"val/{t.name}" for t in self.tasks] + ["val/dev_avg"]
+        rows = []
+        if self.start_base is not None:
+            rows.append(("base model, no rationale", self.start_base))
+        label = {"rationale": "w/ reasoning", "base": "no rationale"}.get(
+            self.mode_at_start or "", "untrained"
+        )
+        rows.append((f"base model, {label}", start))
+        rows.append((f"trained, {int(end['rollout_batch'])} rollout batches", end))
+        head = " ".join(f"{c.removeprefix('val/'):>12}" for c in cols)
+        lines = [
+            f"Dev score (Spearman x100 of cosine; {sizes}; never a test split):",
+            f"{'':34}{head}",
+        ]
+        for name, sc in rows:
+            lines.append(f"{name:34}" + " ".join(f"{sc.get(c, float('nan')):12.2f}" for c in cols))
+        gain = end["val/dev_avg"] - start["val/dev_avg"]
+        lines.append(f"{'':34}dev_avg {gain:+.2f} over the untrained model ({label})")
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        start = next((h for h in self.history if h["rollout_batch"] == 0), self.start_scores)
         return {
             "rollout_batches": self.rollout_batches,
             "last_scored": self.last_scored,
             "best": self.best,
+            "start_scores": start,
+            "start_base": self.start_base,
+            "mode_at_start": self.mode_at_start,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollout_batches = int(state_dict.get("rollout_batches", 0))
         self.last_scored = int(state_dict.get("last_scored", -1))
         self.best = float(state_dict.get("best", -math.inf))
+        self.start_scores = state_dict.get("start_scores")
+        self.start_base = state_dict.get("start_base")
+        self.mode_at_start = state_dict.get("mode_at_start")
