@@ -164,6 +164,8 @@ def test_training_logs_dev_scores_and_checkpoint_keeps_the_best(tmp_path, monkey
     assert lines[3].startswith("base model, w/ reasoning") and lines[3].split()[-1] == "10.00"
     assert lines[4].startswith("trained, 3 rollout batches") and lines[4].split()[-1] == "20.00"
     assert "dev_avg +10.00 over the untrained model" in lines[5]
+    assert lines[6].split()[:6] == ["best", "dev_avg", "30.00", "after", "1", "rollout"]
+    assert lines[6].endswith(f"{tmp_path}/export_best")
 
 
 @pytest.mark.parametrize(("method", "mode"), [("grace", "rationale"), ("infonce", "base")])

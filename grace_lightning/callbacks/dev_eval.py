@@ -250,6 +250,7 @@ class DevEvaluation(L.Callback):
         self.rollout_batches = 0
         self.last_scored = -1  # rollout batch count at the last evaluation
         self.best = -math.inf
+        self.best_at = -1  # rollout batch of the best dev_avg
         self.history: list[dict[str, float]] = []  # one row per evaluation (this process)
         self._data: list[tuple[str, list[str], list[str], list[float]]] | None = None
 
@@ -299,7 +300,7 @@ class DevEvaluation(L.Callback):
         )
         avg = scores["val/dev_avg"]
         if math.isfinite(avg) and avg > self.best:
-            self.best = avg
+            self.best, self.best_at = avg, self.rollout_batches
             if self.export_best_dir is not None:
                 from grace_lightning.callbacks.export import ExportPolicy
 
@@ -371,6 +372,11 @@ class DevEvaluation(L.Callback):
             lines.append(f"{name:34}" + " ".join(f"{sc.get(c, float('nan')):12.2f}" for c in cols))
         gain = end["val/dev_avg"] - start["val/dev_avg"]
         lines.append(f"{'':34}dev_avg {gain:+.2f} over the untrained model ({label})")
+        if self.export_best_dir is not None and self.best_at > 0:
+            lines.append(
+                f"{'':34}best dev_avg {self.best:.2f} after {self.best_at} rollout batches: "
+                f"{self.export_best_dir}"
+            )
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ resume
@@ -380,6 +386,7 @@ class DevEvaluation(L.Callback):
             "rollout_batches": self.rollout_batches,
             "last_scored": self.last_scored,
             "best": self.best,
+            "best_at": self.best_at,
             "start_scores": start,
             "start_base": self.start_base,
             "mode_at_start": self.mode_at_start,
@@ -389,6 +396,7 @@ class DevEvaluation(L.Callback):
         self.rollout_batches = int(state_dict.get("rollout_batches", 0))
         self.last_scored = int(state_dict.get("last_scored", -1))
         self.best = float(state_dict.get("best", -math.inf))
+        self.best_at = int(state_dict.get("best_at", -1))
         self.start_scores = state_dict.get("start_scores")
         self.start_base = state_dict.get("start_base")
         self.mode_at_start = state_dict.get("mode_at_start")
