@@ -188,6 +188,10 @@ def test_tiny_study_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "study"
     for stage in ("infonce/train", "infonce/eval", "two_stage/train", "two_stage/eval"):
         assert (out / stage / "DONE.json").is_file(), stage
+    # finished train stages keep export/ (what later stages load), not checkpoints/
+    for row in ("infonce", "two_stage"):
+        assert (out / row / "train" / "export").is_dir()
+        assert not (out / row / "train" / "checkpoints").exists(), row
     for row in ("infonce", "two_stage"):
         general = json.loads((out / row / "general" / "general.json").read_text())
         assert general["perplexity"] > 1 and 0 <= general["keyword_acc"] <= 1

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -446,6 +447,7 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
         tag = f"[{i}/{len(stages)}] {stage.row}/{stage.kind}"
         if stage.done:
             log.info("%s: done (%s), skipped", tag, stage.done_file)
+            drop_checkpoints(cfg, stage)
             continue
         if cfg.get("dry_run"):
             print(
@@ -459,7 +461,22 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
         else:
             run_subprocess(stage)
         log.info("%s: finished in %.0f s", tag, time.time() - t0)
+        drop_checkpoints(cfg, stage)
     return stages
+
+
+def drop_checkpoints(cfg: DictConfig, stage: Stage) -> None:
+    """``keep_checkpoints: false``: a finished train stage never resumes, and its export/ is
+    what the later stages load, so its checkpoints/ (~3 GB a SmolLM2 row: weights + AdamW,
+    last + best) go. A full disk killed a v2 run mid-study before this."""
+    if cfg.get("keep_checkpoints", True) or stage.kind != "train" or not stage.done:
+        return
+    ckpts = stage.dir / "checkpoints"
+    if ckpts.is_dir():
+        shutil.rmtree(ckpts)
+        log.info(
+            "%s/%s: finished; removed %s (keep_checkpoints=false)", stage.row, stage.kind, ckpts
+        )
 
 
 def budget_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
