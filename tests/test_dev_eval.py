@@ -62,7 +62,7 @@ def test_summary_survives_a_resume():
         {"rollout_batch": 0.0, "val/dev_avg": 10.0},
         {"rollout_batch": 2.0, "val/dev_avg": 12.0},
     ]
-    cb.mode_at_start = "rationale"
+    cb.mode_at_start, cb.start_scores = "rationale", {"val/dev_avg": 10.0}
     state = cb.state_dict()
     again = DevEvaluation(max_samples=4)
     again.load_state_dict(state)

@@ -245,7 +245,7 @@ class DevEvaluation(L.Callback):
         self.seed = int(seed)
         self.base_reference = bool(base_reference)
         self.start_base: dict[str, float] | None = None  # untrained model, base mode
-        self.start_scores: dict[str, float] | None = None  # untrained model, run mode (resume)
+        self.start_scores: dict[str, float] | None = None  # untrained model, run mode
         self.mode_at_start: str | None = None
         self.rollout_batches = 0
         self.last_scored = -1  # rollout batch count at the last evaluation
@@ -320,8 +320,8 @@ class DevEvaluation(L.Callback):
             scores = self.evaluate(pl_module)
             self._publish_directly(trainer, scores)
             self._after_scoring(trainer, pl_module, scores)
-            self.mode_at_start = self.resolved_mode(pl_module)
-            if self.base_reference and self.resolved_mode(pl_module) == "rationale":
+            self.start_scores, self.mode_at_start = scores, self.resolved_mode(pl_module)
+            if self.base_reference and self.mode_at_start == "rationale":
                 self.start_base = self.evaluate(pl_module, mode="base")
                 log.info(
                     "dev (base, untrained): %s",
@@ -347,10 +347,8 @@ class DevEvaluation(L.Callback):
     def summary(self) -> str | None:
         """The dev scores of the untrained model and of the final policy, one line each, or None
         when the run did not score both (e.g. a resumed run whose start was scored before)."""
-        start = next((h for h in self.history if h["rollout_batch"] == 0), None)
-        if start is None and self.start_scores is not None:
-            start = self.start_scores
-        if start is None or not self.history or self.history[-1] is start:
+        start = self.start_scores
+        if start is None or not self.history or self.history[-1]["rollout_batch"] == 0:
             return None
         end = self.history[-1]
         sizes = ", ".join(f"{name} {len(s1)} pairs" for name, s1, _, _ in self._data or [])
@@ -381,13 +379,12 @@ class DevEvaluation(L.Callback):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
-        start = next((h for h in self.history if h["rollout_batch"] == 0), self.start_scores)
         return {
             "rollout_batches": self.rollout_batches,
             "last_scored": self.last_scored,
             "best": self.best,
             "best_at": self.best_at,
-            "start_scores": start,
+            "start_scores": self.start_scores,
             "start_base": self.start_base,
             "mode_at_start": self.mode_at_start,
         }
