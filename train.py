@@ -1,9 +1,10 @@
 """Train an LLM into a GRACE embedder.
 
-python train.py                                   # embedded SmolLM2 on CPU, offline data
-python train.py backbone=smollm2 reward=unsup     # unsupervised (self-anchor)
+python train.py                                   # the quickstart: embedded SmolLM2, ~10 min on CPU
+python train.py experiment=quickstart_unsup       # the same, unsupervised (self-anchor)
+python train.py experiment=none reward=unsup      # the group defaults (paper settings), 4 steps
 python train.py backbone=qwen reward=sup experiment=paper_sup trainer=gpu
-python train.py -m reward=sup,unsup               # Hydra multirun
+python train.py -m experiment=paper_sup,paper_unsup backbone=qwen trainer=gpu   # Hydra multirun
 """
 
 import hydra

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,7 @@ def compose(args, setting: str, out_dir: str):
     from omegaconf import open_dict
 
     overrides = [
+        "experiment=none",  # the group defaults, not the quickstart preset
         "backbone=smollm2",
         "reward=sup",
         f"data.prompts_per_step={args.groups}",
@@ -181,9 +183,13 @@ def compose(args, setting: str, out_dir: str):
 def run_setting(args, setting: str) -> dict:
     from grace_lightning.train import train
 
-    cfg = compose(args, setting, tempfile.mkdtemp(prefix="bench-memory-"))
+    out = tempfile.mkdtemp(prefix="bench-memory-")
+    cfg = compose(args, setting, out)
     watch_phases()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:  # checkpoints of a run are not part of the measurement
+        shutil.rmtree(out, ignore_errors=True)
     result = dict(PEAKS.result)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result

@@ -60,6 +60,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -361,6 +362,7 @@ def compose(p: Point, data_path: str, out_dir: str):
 
     gpu = p.device != "cpu"
     overrides = [
+        "experiment=none",  # the group defaults, not the quickstart preset
         "backbone=tiny",  # replaced by the shaped model (see run_point); its tokenizer is used
         "reward=sup",
         "data=paper",  # jsonl triplets: the synthetic file written by run_point
@@ -468,7 +470,10 @@ def run_point(p: Point) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:  # the run's checkpoints are GBs at these shapes: never leave them in /tmp
+        shutil.rmtree(tmp, ignore_errors=True)
     result["wall_s"] = time.perf_counter() - t0
     result["rollout_s"] = timer.get("rollout")
     result["update_s"] = timer.get("update")
@@ -524,7 +529,7 @@ def missing_knobs() -> set[str]:
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["reward=sup"])
+        cfg = hydra_compose("train", overrides=["experiment=none", "reward=sup"])
     return {key for key in OPTIONAL_KNOBS.values() if not config_has(cfg, key)}
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def compose(args, out_dir: str):
     from omegaconf import open_dict
 
     overrides = [
+        "experiment=none",  # the group defaults, not the quickstart preset
         "backbone=smollm2",
         "reward=sup",
         "data=shared",
@@ -131,9 +133,12 @@ def run_grace(args) -> dict:
 
     out = tempfile.mkdtemp(prefix="bench-")
     cfg = compose(args, out)
-    train(cfg)
-    with open(next(Path(out).rglob("metrics.csv"))) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("time/rollout")]
+    try:
+        train(cfg)
+        with open(next(Path(out).rglob("metrics.csv"))) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("time/rollout")]
+    finally:  # checkpoints of a run are not part of the measurement
+        shutil.rmtree(out, ignore_errors=True)
     med = {
         k: statistics.median(float(r[k]) for r in rows)
         for k in ("time/rollout", "time/reward", "time/update")

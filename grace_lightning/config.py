@@ -115,8 +115,52 @@ def check_types(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.betas: expected two numbers like [0.9, 0.999], got {shown!r}")
 
 
+def experiment_choice(cfg: DictConfig) -> str | None:
+    """The ``experiment=`` option the config was composed with (None when unknown, e.g. a config
+    built by hand): from the composed ``hydra`` node, else from the running Hydra app."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
+    if choice is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get("experiment")
+    return choice
+
+
+# The quickstart presets are GRACE recipes whose keys are applied after every group (an
+# experiment comes last in conf/train.yaml's defaults), so they would silently replace a
+# contrastive method's learning rate or run the unsupervised reward with supervised settings.
+QUICKSTART_FOR = {"quickstart": "sup", "quickstart_unsup": "unsup"}
+
+
+def check_preset(cfg: DictConfig, experiment: str | None) -> None:
+    """``python train.py method=infonce`` or ``reward=unsup`` on top of the default quickstart
+    preset: fail with the command that does what was meant."""
+    if experiment not in QUICKSTART_FOR:
+        return
+    target = str((cfg.get("model") or {}).get("_target_", ""))
+    if target.endswith("ContrastiveModule"):
+        objective = cfg.model.get("objective", "infonce")
+        default = " (what `python train.py` runs)" if experiment == "quickstart" else ""
+        raise ConfigError(
+            f"experiment={experiment}{default} is a GRACE recipe: its "
+            f"optim.lr and rollout settings would replace method={objective}'s own. Add "
+            f"experiment=none for the method's recipe on the embedded model (`python train.py "
+            f"experiment=none method={objective}`) or experiment=paper_{objective} at paper scale."
+        )
+    mode, meant = cfg.reward.mode, QUICKSTART_FOR[experiment]
+    if mode != meant:
+        other = {"sup": "quickstart", "unsup": "quickstart_unsup"}[mode]
+        raise ConfigError(
+            f"reward={mode} with experiment={experiment}: that preset is tuned for reward={meant}. "
+            f"Use experiment={other} (the study's best reward={mode} recipe) or experiment=none "
+            f"reward={mode} (the paper's settings)."
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     check_types(cfg)
+    check_preset(cfg, experiment_choice(cfg))
     r, a, rw, d = cfg.rollout, cfg.algo, cfg.reward, cfg.data
     k = r.num_generations
     if rw.mode not in ("sup", "unsup"):

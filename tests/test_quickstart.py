@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from grace_lightning.config import validate
+from grace_lightning.config import ConfigError, validate
 
 from .conftest import DATA_ROOT, ROOT
 from .test_train import CONF, make_cfg
@@ -60,3 +63,60 @@ def test_quickstart_ends_with_the_dev_table(tmp_path):
         "no rationale" in rows[0] and "w/ reasoning" in rows[1] and "1 rollout batches" in rows[2]
     )
     assert "over the untrained model (w/ reasoning)" in out
+
+
+def test_quickstart_refuses_what_it_would_silently_change(tmp_path):
+    """The preset's keys come after every group: over method=infonce it would replace the
+    method's lr, over reward=unsup it would run the supervised recipe. Both fail at startup
+    with the command that does what was meant."""
+    for overrides, says in [
+        (["method=infonce"], "python train.py experiment=none method=infonce"),
+        (["method=simcse"], "experiment=paper_simcse"),
+        (["reward=unsup"], "experiment=quickstart_unsup"),
+    ]:
+        cfg = make_cfg(overrides, tmp_path, preset="quickstart")
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            validate(cfg)
+    with pytest.raises(ConfigError, match="experiment=quickstart "):
+        validate(make_cfg(["reward=sup"], tmp_path, preset="quickstart_unsup"))
+    # the same overrides on the group defaults are fine, and the contrastive lr is the method's
+    infonce = make_cfg(["method=infonce"], tmp_path)
+    validate(infonce)
+    assert infonce.optim.lr == 5e-5
+
+
+def test_quickstart_unsup_is_the_studys_best_unsup_row(tmp_path):
+    cfg = make_cfg([], tmp_path, preset="quickstart_unsup")
+    validate(cfg)
+    assert cfg.reward.mode == "unsup" and cfg.data.mode == "unsup"
+    study = yaml.safe_load((ROOT / "conf" / "study.yaml").read_text())
+    row = dict(o.split("=", 1) for o in study["rows"]["grace_unsup_joint"]["train"])
+    assert cfg.algo.beta == float(row["algo.beta"]) and cfg.optim.lr == float(row["optim.lr"])
+    assert cfg.algo.contrastive_weight == float(row["algo.contrastive_weight"])
+    # everything else is the supervised quickstart's (budget, dev scoring, bf16)
+    sup = make_cfg([], tmp_path, preset="quickstart")
+    assert cfg.trainer == sup.trainer and cfg.rollout == sup.rollout
+    assert cfg.callbacks.dev_eval == sup.callbacks.dev_eval
+
+
+def test_quickstart_unsup_runs_on_the_tiny_model(tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        "experiment=quickstart_unsup",
+        "backbone=tiny",
+        f"data.root={DATA_ROOT}",
+        "data.max_examples=32",
+        "trainer.max_steps=1",
+        "trainer.enable_progress_bar=false",
+        "rollout.max_new_tokens=4",
+        "prompt.max_prompt_tokens=96",
+        "reward.truncation=off",
+        "callbacks.dev_eval.max_samples=4",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained, 1 rollout batches" in proc.stdout
+    assert (tmp_path / "export" / "grace_config.json").exists()

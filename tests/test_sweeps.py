@@ -108,7 +108,9 @@ def _cover(overrides: list[str]) -> list[list[str]]:
 def test_readme_multirun_commands_compose_at_every_point():
     """The embedded-default one-liners compose; the paper-scale ones are the sweep files'."""
     commands = _readme_multiruns()
-    paper = [c for c in commands if any(o.startswith(("experiment=", "eval=fast")) for o in c)]
+    paper = [
+        c for c in commands if any(o.startswith(("experiment=paper_", "eval=fast")) for o in c)
+    ]
     sweeps = [multirun_command(p, [])[3:] for p in SWEEPS]
     assert sorted(paper) == sorted(sweeps), "sweeps/README.md: regenerate with --dry-run"
     embedded = [c for c in commands if c not in paper]
