@@ -353,3 +353,35 @@ def test_report_has_intervals_general_columns_and_collapse_and_dev_panels(tmp_pa
     assert "collapse.png" in block and "dev_score.png" in block
     csv_row = (report_dir / "results.csv").read_text().splitlines()[2].split(",")
     assert [float(x) for x in csv_row[-2:]] == [round(x, 2) for x in boot["grace"]["avg_ci"]]
+
+
+@pytest.mark.parametrize("config_name", ["study", "study_v1", "study_collapse"])
+def test_every_train_stage_composes_and_validates(config_name, tmp_path):
+    """Each row's train.py command is a valid training config: what the study runs is what its
+    rows say (study_v1 once ran on top of `python train.py`'s quickstart preset)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from grace_lightning.config import validate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        study = compose(config_name=config_name, overrides=[f"out_dir={tmp_path}"])
+    stages = [s for s in plan(study) if s.kind == "train"]
+    assert stages
+    for stage in stages:
+        overrides = [
+            o for o in stage.argv[2:] if not o.startswith(("hydra.run.dir=", "init_from="))
+        ]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(
+                "train",
+                overrides=[*overrides, f"paths.output_dir={tmp_path}"],
+                return_hydra_config=True,
+            )
+        validate(cfg)
+        assert cfg.hydra.runtime.choices.experiment in ("none", "two_stage_sup"), stage.row
+        row = study.rows[stage.row]
+        if "reward=unsup" in row.train:
+            assert cfg.reward.mode == "unsup"
+    GlobalHydra.instance().clear()

@@ -496,9 +496,12 @@ def budget_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
                 spent += json.loads(done.read_text()).get("seconds_all_attempts", 0) / 60
         tot_plan += (train or 0) + ev
         tot_spent += spent
+        # a trained row without a wall-time budget trains to its max_steps cap: "steps"
+        budget = (
+            "steps" if row.get("train") is not None and train is None else f"{train or 0:.1f} m"
+        )
         lines.append(
-            f"{name:<20} {train or 0:>10.1f} m {ev:>7.1f} m {spent:>5.1f} m  "
-            f"{row.get('init_from') or '-'}"
+            f"{name:<20} {budget:>12} {ev:>7.1f} m {spent:>5.1f} m  {row.get('init_from') or '-'}"
         )
     lines.append(f"{'total':<20} {tot_plan:>21.1f} m {tot_spent:>5.1f} m")
     return lines
