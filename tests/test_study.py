@@ -385,3 +385,20 @@ def test_every_train_stage_composes_and_validates(config_name, tmp_path):
         if "reward=unsup" in row.train:
             assert cfg.reward.mode == "unsup"
     GlobalHydra.instance().clear()
+
+
+def test_drift_table_means_of_first_and_last_batches():
+    from grace_lightning.study.report import drift_table
+
+    steps = [{"step": i, "entropy": 3.0 - 0.1 * i, "collapse/distinct_2": 0.9} for i in range(20)]
+    steps[19]["collapse/distinct_2"] = float("nan")  # a non-finite value is left out
+    records = [
+        {"label": "collapsing", "metrics": steps},
+        {"label": "untrained", "metrics": []},
+    ]
+    table = drift_table(records, window=4).splitlines()
+    assert table[0] == "| Row | entropy | distinct-2 |"
+    # first 4 steps: 3.0, 2.9, 2.8, 2.7 -> 2.85; last 4: 1.4, 1.3, 1.2, 1.1 -> 1.25
+    assert table[2] == "| collapsing | 2.85 -> 1.25 | 0.90 -> 0.90 |"
+    assert len(table) == 3  # a row with no metrics has no line
+    assert drift_table([{"label": "x", "metrics": []}]) == ""

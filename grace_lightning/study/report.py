@@ -202,6 +202,42 @@ def study_tables(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------- intervals
+# training diagnostics whose start-to-end change the report tabulates (drift_table)
+DRIFT_KEYS = (
+    ("entropy", "entropy"),
+    ("collapse/distinct_2", "distinct-2"),
+    ("collapse/cross_group_cosine", "cross-group cos"),
+    ("collapse/cross_group_duplicate", "cross-group dup."),
+    ("completions/mean_length", "length"),
+    ("completions/clipped_ratio", "clipped"),
+)
+
+
+def drift_table(records: Sequence[Mapping[str, Any]], window: int = 8) -> str:
+    """Each GRACE row's diagnostics as "first -> last": the mean over its first and its last
+    ``window`` logged rollout batches (collapse shows as entropy and distinct-2 falling, the
+    cross-group cosine and duplicates rising). Empty when no row logged any of them."""
+    keys = [(k, h) for k, h in DRIFT_KEYS if any(series(r["metrics"], k)[0] for r in records)]
+    lines = []
+    for r in records:
+        cells = []
+        for key, _ in keys:
+            _, values = series(r["metrics"], key)
+            values = [v for v in values if math.isfinite(v)]
+            if not values:
+                cells.append("–")
+                continue
+            first, last = values[:window], values[-window:]
+            cells.append(f"{sum(first) / len(first):.2f} -> {sum(last) / len(last):.2f}")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    if not keys or not lines:
+        return ""
+    head = "| Row | " + " | ".join(h for _, h in keys) + " |"
+    rule = "|---|" + "---:|" * len(keys)
+    return "\n".join([head, rule, *lines])
+
+
 def bootstrap_records(
     records: Sequence[Mapping[str, Any]], references: Sequence[str], n: int, seed: int, level: float
 ) -> dict[str, dict[str, Any]]:
@@ -497,6 +533,14 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         interval_note(records, boot, n_boot, level) if finished else "",
         f"**Budgets** (total wall time of finished stages: {total:.0f} min)\n\n{budget_table(records)}",
     ]
+    drift = drift_table(records)
+    if drift:
+        parts.append(
+            "**Training diagnostics**, first -> last 8 rollout batches (metrics.csv; "
+            "grace_lightning/rl/diagnostics.py): policy entropy (nats/token), distinct bigrams "
+            "over a batch's rationales, mean cosine and duplicate fraction of rationales of "
+            f"different texts, rationale length (tokens) and the fraction clipped.\n\n{drift}"
+        )
     if missing:
         parts.append(f"Not finished yet: {', '.join(missing)}.")
     parts = [p for p in parts if p] + figures
