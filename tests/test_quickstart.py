@@ -35,26 +35,21 @@ def test_python_train_py_is_the_quickstart_preset(tmp_path):
     assert paper.trainer.max_steps == 4
 
 
+def run_tiny_quickstart(run_dir, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py [overrides]`` on the tiny model for one rollout batch (must succeed)."""
+    cmd = [sys.executable, "train.py", *overrides, "backbone=tiny", f"data.root={DATA_ROOT}"]
+    cmd += ["data.max_examples=32", "trainer.max_steps=1", "trainer.enable_progress_bar=false"]
+    cmd += ["rollout.max_new_tokens=4", "prompt.max_prompt_tokens=96", "reward.truncation=off"]
+    cmd += ["callbacks.dev_eval.max_samples=4", "logger=none", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_quickstart_ends_with_the_dev_table(tmp_path):
     """The quickstart job on the tiny model for one rollout batch prints the dev table: the
     untrained model without and with a rationale, then the trained policy."""
-    cmd = [
-        sys.executable,
-        "train.py",
-        "backbone=tiny",
-        f"data.root={DATA_ROOT}",
-        "data.max_examples=32",
-        "trainer.max_steps=1",
-        "trainer.enable_progress_bar=false",
-        "rollout.max_new_tokens=4",
-        "prompt.max_prompt_tokens=96",
-        "reward.truncation=off",
-        "callbacks.dev_eval.max_samples=4",
-        "logger=none",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tiny_quickstart(tmp_path)
     out = proc.stdout
     assert "Dev score (Spearman x100 of cosine; stsb_dev 4 pairs, sick_trial 4 pairs" in out
     rows = [ln for ln in out.splitlines() if ln.startswith(("base model", "trained"))]
@@ -100,23 +95,6 @@ def test_quickstart_unsup_is_the_studys_best_unsup_row(tmp_path):
 
 
 def test_quickstart_unsup_runs_on_the_tiny_model(tmp_path):
-    cmd = [
-        sys.executable,
-        "train.py",
-        "experiment=quickstart_unsup",
-        "backbone=tiny",
-        f"data.root={DATA_ROOT}",
-        "data.max_examples=32",
-        "trainer.max_steps=1",
-        "trainer.enable_progress_bar=false",
-        "rollout.max_new_tokens=4",
-        "prompt.max_prompt_tokens=96",
-        "reward.truncation=off",
-        "callbacks.dev_eval.max_samples=4",
-        "logger=none",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_tiny_quickstart(tmp_path, "experiment=quickstart_unsup")
     assert "trained, 1 rollout batches" in proc.stdout
     assert (tmp_path / "export" / "grace_config.json").exists()
