@@ -158,9 +158,33 @@ def check_preset(cfg: DictConfig, experiment: str | None) -> None:
         )
 
 
+def check_push_to_hub(cfg: DictConfig) -> None:
+    """``callbacks.export.push_to_hub`` uploads when training ends: an offline machine or a
+    malformed repo id must fail now, not after the whole run."""
+    repo_id = OmegaConf.select(cfg, "callbacks.export.push_to_hub", default=None)
+    if not repo_id:
+        return
+    import re
+
+    from grace_lightning.eval.encoder import hub_offline
+
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(repo_id)):
+        raise ConfigError(
+            f"callbacks.export.push_to_hub={repo_id!r}: expected a Hub repo id <owner>/<name>"
+        )
+    if hub_offline():
+        raise ConfigError(
+            f"callbacks.export.push_to_hub={repo_id}: HF_HUB_OFFLINE is set, so the upload at the "
+            f"end of training would fail. Unset HF_HUB_OFFLINE (and `hf auth login`), or drop the "
+            f"key and upload the export later: python -m grace_lightning.export <run dir> "
+            f"--push-to-hub {repo_id}"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     check_types(cfg)
     check_preset(cfg, experiment_choice(cfg))
+    check_push_to_hub(cfg)
     r, a, rw, d = cfg.rollout, cfg.algo, cfg.reward, cfg.data
     k = r.num_generations
     if rw.mode not in ("sup", "unsup"):

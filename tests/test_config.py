@@ -177,3 +177,17 @@ def test_wandb_mode_from_the_environment_wins_over_the_default(
     (logger,) = instantiate_group(cfg.logger)
     assert logger._offline is offline
     assert os.environ.get("WANDB_MODE") == env_mode  # nothing set yet (no run started)
+
+
+def test_push_to_hub_fails_at_startup_when_offline_or_malformed(tmp_path, monkeypatch):
+    """The upload runs when training ends: an offline machine or a bad repo id fail at config
+    time, with the command that uploads later."""
+    cfg = make_cfg(["callbacks.export.push_to_hub=me/grace-tiny"], tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set.*--push-to-hub me/grace-tiny"):
+        validate(cfg)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    validate(cfg)  # online: fine
+    bad = make_cfg(["callbacks.export.push_to_hub=grace-tiny"], tmp_path)
+    with pytest.raises(ConfigError, match="expected a Hub repo id <owner>/<name>"):
+        validate(bad)
