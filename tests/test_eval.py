@@ -579,6 +579,8 @@ def test_eval_local_suite_end_to_end_base_then_rationale_then_cached(tmp_path, c
         assert run["n_tasks"] == 12
         assert {t["category"] for t in run["tasks"]} == {"Retr", "Clust", "Class", "STS"}
         assert all(math.isfinite(t["score"]) for t in run["tasks"])
+        split = {t["task"]: t["split"] for t in run["tasks"]}  # what the model card labels
+        assert split["LocalSICKTrial"] == "trial" and split["LocalSTS12"] == "test"
         assert run["avg"] == pytest.approx(np.mean([t["score"] for t in run["tasks"]]))
     assert runs["base"]["encoder_stats"]["generate_calls"] == 0
     assert runs["rat"]["encoder_stats"]["generated"] > 0
@@ -712,3 +714,15 @@ def test_eval_num_processes_2_gives_the_scores_of_one_process(tmp_path):
             cache.close()
 
     assert rows(tmp_path / "rationales2.sqlite") == rows(tmp_path / "rationales1.sqlite") > 0
+
+
+def test_local_task_source_split_is_read_from_the_scored_file():
+    from grace_lightning.eval.local_tasks import source_split
+
+    assert source_split({"path": "sick/trial.jsonl"}) == "trial"
+    assert source_split({"path": "stsb/dev.jsonl"}) == "dev"
+    assert source_split({"qrels": "scifact/qrels/train.tsv", "queries": "q.jsonl"}) == "train"
+    assert source_split({"train": "trec/train.jsonl", "test": "trec/test.jsonl"}) == "test"
+    assert source_split({"train": "banking77/train.jsonl"}) == "train"  # held-out part of train
+    assert source_split({"path": "x/sentences.jsonl"}) == "test"  # no split in the name
+    assert source_split({"path": "sick/trial.jsonl", "source_split": "validation"}) == "validation"

@@ -260,6 +260,7 @@ def _run_with_history(tiny_backbone, tmp_path: Path) -> Path:
                 "task": "LocalSciFactTrain",
                 "category": "Retr",
                 "main_score": "ndcg_at_10",
+                "split": "train",  # local tasks evaluate the split they have (dev, trial, train)
                 "score": 33.0,
             },
         ],
@@ -288,6 +289,9 @@ def test_model_card_is_written_and_parses(tiny_backbone, tmp_path):
     }
     sts = next(r for r in data.eval_results if r.task_name == "STS12")
     assert sts.dataset_type == "mteb/sts12-sts" and sts.dataset_revision  # mteb's own dataset
+    assert sts.dataset_split == "test"  # scores.json without a split: mteb's test split
+    scifact = next(r for r in data.eval_results if r.task_name == "LocalSciFactTrain")
+    assert scifact.dataset_split == "train"  # not labelled a test split it is not
     text = card.text
     assert "| STS12 | STS | cosine_spearman | 50.00 |" in text and "**41.50**" in text
     assert "<think>about First text. at 8</think>" in text and "at 4</think>" not in text

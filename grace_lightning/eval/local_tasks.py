@@ -288,6 +288,21 @@ _TASK_KNOBS = {
 }
 
 
+SPLIT_NAMES = ("train", "validation", "dev", "trial", "test")
+
+
+def source_split(spec: Mapping[str, Any]) -> str:
+    """The split of the public dataset that a local task scores (``source_split`` in the spec,
+    else read from the scored file's name: ``sick/trial.jsonl`` -> trial,
+    ``scifact/qrels/train.tsv`` -> train), for model cards and reports. mteb sees every local
+    task's data under ``split`` (default ``test``), whatever the source split."""
+    if spec.get("source_split"):
+        return str(spec["source_split"])
+    scored = spec.get("test") or spec.get("path") or spec.get("qrels") or spec.get("train")
+    stem = Path(str(scored or "")).stem.lower()
+    return next((name for name in SPLIT_NAMES if name in stem.split("_")), "test")
+
+
 def _data_files(spec: Mapping[str, Any], data_root: Path) -> list[Path]:
     keys = ("path", "corpus", "queries", "qrels", "train", "test")
     paths = []
@@ -320,6 +335,9 @@ def make_local_task(
     {name: LocalTRECClassification, type: Classification, train: trec/train.jsonl,
      test: trec/test.jsonl, label: coarse_label}
     {name: LocalTRECClustering, type: Clustering, path: trec/test.jsonl, label: coarse_label}
+
+    ``source_split`` (optional) names the public split the task scores for model cards and
+    reports; by default it is read from the scored file's name (``source_split``).
     """
     spec = dict(spec)
     name, task_type = spec.get("name"), spec.get("type")
@@ -355,6 +373,7 @@ def make_local_task(
         "spec": spec,
         "data_root": root,
         "max_samples": max_samples,
+        "source_split": source_split(spec),
     }
     for knob in _TASK_KNOBS[task_type]:
         if spec.get(knob) is not None:

@@ -161,6 +161,8 @@ def evaluate_tasks(model, tasks, out_dir: Path, batch_size: int, overwrite: str)
                 "task": name,
                 "category": task_category(task),
                 "main_score": task.metadata.main_score,
+                # the dataset split scored: a local task's source (dev, trial, ...), else mteb's
+                "split": getattr(task, "source_split", None) or ",".join(task.metadata.eval_splits),
                 "score": score,
                 "seconds": round(time.time() - t0, 2),
             }

@@ -130,7 +130,7 @@ def eval_results(scores: dict[str, Any] | None, model_name: str) -> list:
                 dataset_type=dataset,
                 dataset_name=f"MTEB {t['task']}",
                 dataset_config="default",
-                dataset_split="test",
+                dataset_split=str(t.get("split") or "test"),  # scores.json before 2026-11: test
                 dataset_revision=revision,
                 metric_type=str(t.get("main_score") or "main_score"),
                 metric_value=round(float(t["score"]), 2),
