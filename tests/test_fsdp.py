@@ -224,3 +224,34 @@ def test_grace_module_under_fsdp_cpu_equals_ddp(tmp_path):
     assert len(moved) > len(ddp) // 2
     ckpt = torch.load(tmp_path / "fsdp_cpu" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2 and any(k.startswith("policy.") for k in ckpt["state_dict"])
+
+
+def test_fsdp_cpu_resume_from_last_continues_as_the_uninterrupted_run(tmp_path):
+    """A sharded run stopped after its first rollout batch and restarted with ckpt_path=last
+    (Lightning's FSDP load_checkpoint path: full state dicts gathered on CPU) ends with the
+    rationales and weights of a run that was never stopped."""
+    from transformers import AutoModelForCausalLM
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cli = [*GRACE_CLI, "trainer=fsdp_cpu", "callbacks.model_checkpoint.every_n_rollout_batches=1"]
+
+    def run(run_dir, *extra):
+        cmd = [sys.executable, "train.py", *cli, *extra, f"hydra.run.dir={run_dir}"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    run(tmp_path / "ref", "trainer.max_steps=4")
+    run(tmp_path / "run", "trainer.max_steps=2")  # stops after the first rollout batch
+    run(tmp_path / "run", "trainer.max_steps=4", "ckpt_path=last")
+
+    def rows(d):
+        lines = (d / "rationales.jsonl").read_text().splitlines()
+        return [(r["step"], r["text"], r["rationale"]) for r in map(json.loads, lines)]
+
+    assert rows(tmp_path / "run") == rows(tmp_path / "ref") and rows(tmp_path / "ref")[-1][0] == 4
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 4
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "export").state_dict()
+    for key in want:  # optimizer state restored too: the second batch's update is the same
+        torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=0, msg=key)

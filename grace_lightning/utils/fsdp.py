@@ -215,9 +215,10 @@ class GraceFSDPStrategy(FSDPStrategy):
         with self._cpu_safe_full_state_dicts():
             return super().optimizer_state(optimizer)
 
-    def load_checkpoint(self, checkpoint_path) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # Lightning passes weights_only= (2.5+): forward whatever the installed version sends
         with self._cpu_safe_full_state_dicts():
-            return super().load_checkpoint(checkpoint_path)
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)
 
 
 def _params_outside(
