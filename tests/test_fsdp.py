@@ -226,14 +226,15 @@ def test_grace_module_under_fsdp_cpu_equals_ddp(tmp_path):
     assert ckpt["global_step"] == 2 and any(k.startswith("policy.") for k in ckpt["state_dict"])
 
 
-def test_fsdp_cpu_resume_from_last_continues_as_the_uninterrupted_run(tmp_path):
-    """A sharded run stopped after its first rollout batch and restarted with ckpt_path=last
-    (Lightning's FSDP load_checkpoint path: full state dicts gathered on CPU) ends with the
+@pytest.mark.parametrize("trainer", ["fsdp_cpu", "ddp_cpu"])
+def test_multi_process_resume_from_last_continues_as_the_uninterrupted_run(trainer, tmp_path):
+    """A 2-process run stopped after its first rollout batch and restarted with ckpt_path=last
+    (under FSDP: Lightning's load_checkpoint with full state dicts gathered on CPU) ends with the
     rationales and weights of a run that was never stopped."""
     from transformers import AutoModelForCausalLM
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cli = [*GRACE_CLI, "trainer=fsdp_cpu", "callbacks.model_checkpoint.every_n_rollout_batches=1"]
+    cli = [*GRACE_CLI, f"trainer={trainer}", "callbacks.model_checkpoint.every_n_rollout_batches=1"]
 
     def run(run_dir, *extra):
         cmd = [sys.executable, "train.py", *cli, *extra, f"hydra.run.dir={run_dir}"]
