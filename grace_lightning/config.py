@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -164,8 +165,6 @@ def check_push_to_hub(cfg: DictConfig) -> None:
     repo_id = OmegaConf.select(cfg, "callbacks.export.push_to_hub", default=None)
     if not repo_id:
         return
-    import re
-
     from grace_lightning.eval.encoder import hub_offline
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(repo_id)):
