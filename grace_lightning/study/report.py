@@ -552,7 +552,9 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
     block = "\n\n".join(parts)
     per_task = markdown_tasks([r["run"] for r in finished]) if finished else ""
     (report_dir / "study.md").write_text(
-        f"# Small-scale study\n\nRegenerate: `python study.py`\n\n{block}\n\n## Per task\n\n{per_task}\n"
+        f"# {cfg.get('report_title') or 'Small-scale study'}\n\n"
+        f"Regenerate: `{cfg.get('report_command') or 'python study.py'}`\n\n"
+        f"{block}\n\n## Per task\n\n{per_task}\n"
     )
     return block
 
