@@ -558,7 +558,11 @@ def measure(points: list[Point], cache_file: Path | None, log=print) -> list[dic
         t0 = time.perf_counter()
         cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--point", json.dumps(asdict(p))]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=CHILD_ENV)
+        # the child's temp files (its run dir: GBs of checkpoints) go to a dir this process
+        # removes, so that a child killed by the OOM killer leaves nothing behind either
+        with tempfile.TemporaryDirectory(prefix="bench-paper-scale-point-") as scratch:
+            env = {**CHILD_ENV, "TMPDIR": scratch}
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             err = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -59,3 +59,15 @@ def test_paper_scale_gpu_path_runs_on_cpu_and_leaves_no_temp_dir(tmp_path):
     check = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith('{"gpu_check"')))
     assert check["gpu_check"]["wall_s"] > 0 and check["gpu_check"]["peaks"]["update"] > 0
     assert not list(tmp_path.glob("bench-paper-scale-*"))
+
+
+def test_paper_scale_measure_runs_a_point_in_a_child_and_cleans_its_temp(tmp_path, monkeypatch):
+    """measure(): one point in a subprocess, and nothing of it stays in the temp dir (the
+    child's files go under a scratch dir the parent removes, even if the child is killed)."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    point = paper_scale.Point(tiny=True, groups=2, k=2, prompt_len=96, response_len=8)
+    results = paper_scale.measure([point], None, log=lambda *a: None)
+    assert len(results) == 1 and results[0]["peaks"]["update"] > 0
+    assert not list(tmp_path.iterdir())
