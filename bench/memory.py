@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -183,13 +182,11 @@ def compose(args, setting: str, out_dir: str):
 def run_setting(args, setting: str) -> dict:
     from grace_lightning.train import train
 
-    out = tempfile.mkdtemp(prefix="bench-memory-")
-    cfg = compose(args, setting, out)
-    watch_phases()
-    try:
+    # checkpoints of a run are not part of the measurement: the directory goes with the run
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", ignore_cleanup_errors=True) as out:
+        cfg = compose(args, setting, out)
+        watch_phases()
         train(cfg)
-    finally:  # checkpoints of a run are not part of the measurement
-        shutil.rmtree(out, ignore_errors=True)
     result = dict(PEAKS.result)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result

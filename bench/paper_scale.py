@@ -60,7 +60,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -460,21 +459,20 @@ def run_point(p: Point) -> dict:
 
         setattr(cls, name, timed)
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-paper-scale-"))
-    tok = load_tokenizer(BackboneConfig())
-    prompter = ChatPrompter(tok, None, p.prompt_len)  # system prompt set below, same template
-    cfg, skipped = compose(p, str(tmp / "triplets.jsonl"), str(tmp / "run"))
-    prompter = ChatPrompter(tok, cfg.prompt.system_prompt, p.prompt_len)
-    rows = synthetic_triplets(tok, prompter, p.groups, p.prompt_len)
-    (tmp / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    try:
+    # the run's checkpoints are GBs at these shapes: the directory goes when the run ends
+    with tempfile.TemporaryDirectory(prefix="bench-paper-scale-", ignore_cleanup_errors=True) as d:
+        tmp = Path(d)
+        tok = load_tokenizer(BackboneConfig())
+        prompter = ChatPrompter(tok, None, p.prompt_len)  # system prompt set below, same template
+        cfg, skipped = compose(p, str(tmp / "triplets.jsonl"), str(tmp / "run"))
+        prompter = ChatPrompter(tok, cfg.prompt.system_prompt, p.prompt_len)
+        rows = synthetic_triplets(tok, prompter, p.groups, p.prompt_len)
+        (tmp / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         train(cfg)
-    finally:  # the run's checkpoints are GBs at these shapes: never leave them in /tmp
-        shutil.rmtree(tmp, ignore_errors=True)
-    result["wall_s"] = time.perf_counter() - t0
+        result["wall_s"] = time.perf_counter() - t0
     result["rollout_s"] = timer.get("rollout")
     result["update_s"] = timer.get("update")
     result["step_s"] = timer.get("training_step")

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -131,14 +130,12 @@ def run_grace(args) -> dict:
 
     from grace_lightning.train import train
 
-    out = tempfile.mkdtemp(prefix="bench-")
-    cfg = compose(args, out)
-    try:
+    # checkpoints of a run are not part of the measurement: the directory goes with the run
+    with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as out:
+        cfg = compose(args, out)
         train(cfg)
         with open(next(Path(out).rglob("metrics.csv"))) as f:
             rows = [r for r in csv.DictReader(f) if r.get("time/rollout")]
-    finally:  # checkpoints of a run are not part of the measurement
-        shutil.rmtree(out, ignore_errors=True)
     med = {
         k: statistics.median(float(r[k]) for r in rows)
         for k in ("time/rollout", "time/reward", "time/update")
