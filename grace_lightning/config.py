@@ -151,7 +151,7 @@ def check_preset(cfg: DictConfig, experiment: str | None) -> None:
         )
     mode, meant = cfg.reward.mode, QUICKSTART_FOR[experiment]
     if mode != meant:
-        other = {"sup": "quickstart", "unsup": "quickstart_unsup"}[mode]
+        other = next(e for e, m in QUICKSTART_FOR.items() if m == mode)
         raise ConfigError(
             f"reward={mode} with experiment={experiment}: that preset is tuned for reward={meant}. "
             f"Use experiment={other} (the study's best reward={mode} recipe) or experiment=none "
