@@ -12,13 +12,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from grace_lightning.config import validate
 
 from .conftest import ROOT
-from .test_train import CONF
+from .test_train import make_cfg
 
 SOURCES = [ROOT / "README.md", ROOT / "sweeps" / "README.md", ROOT / "train.py"]
 SOURCES += sorted((ROOT / "conf").rglob("*.yaml"))
@@ -54,11 +52,5 @@ def test_the_docs_show_enough_commands():
 
 @pytest.mark.parametrize("where,overrides", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_documented_command_composes_and_validates(where, overrides, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(CONF, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[*overrides, f"paths.output_dir={tmp_path}"],
-            return_hydra_config=True,
-        )
-    validate(cfg)
+    # what `python train.py <overrides>` composes: train.yaml's default experiment (quickstart)
+    validate(make_cfg(overrides, tmp_path, preset="quickstart"))

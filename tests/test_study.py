@@ -363,6 +363,8 @@ def test_every_train_stage_composes_and_validates(config_name, tmp_path):
 
     from grace_lightning.config import validate
 
+    from .test_train import make_cfg
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         study = compose(config_name=config_name, overrides=[f"out_dir={tmp_path}"])
@@ -372,13 +374,8 @@ def test_every_train_stage_composes_and_validates(config_name, tmp_path):
         overrides = [
             o for o in stage.argv[2:] if not o.startswith(("hydra.run.dir=", "init_from="))
         ]
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[*overrides, f"paths.output_dir={tmp_path}"],
-                return_hydra_config=True,
-            )
+        # what train.py composes from the stage's argv: train.yaml's default experiment first
+        cfg = make_cfg(overrides, tmp_path, preset="quickstart")
         validate(cfg)
         assert cfg.hydra.runtime.choices.experiment in ("none", "two_stage_sup"), stage.row
         row = study.rows[stage.row]
