@@ -18,8 +18,15 @@ runs exactly ``--new-tokens`` tokens (EOS ignored) so every row does the same wo
              numerics).
 
 For each (mode, precision, prefix) the fastest batch size is printed with its numbers; the whole
-grid goes to ``--json``. Finally ``GraceEncoder.encode`` (rationale mode, cold cache, then the
+grid goes to ``--json``. Then ``GraceEncoder.encode`` (rationale mode, cold cache, then the
 same call from the cache) at the fastest fp32 batch size: the user-facing number.
+
+Finally the Hub user's path next to it (``--st-modes``, ``--st-batch``): the model is exported
+(``save_policy``: weights, tokenizer, the self-contained ``grace_embedding.py``), then the same
+export, in the same process, on the same texts, is encoded by ``GraceEncoder.from_run_dir`` and by
+``SentenceTransformer(export, trust_remote_code=True)`` (``precision`` as a model kwarg; the
+encoder under bf16 autocast, as ``eval.py precision=bf16``), no rationale cache; each timed
+``--st-repeats`` times alternately, best kept; the vectors of the two are compared too.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from _common import describe_cpu  # noqa: E402
 from grace_lightning.embedding import encode_prompts  # noqa: E402
 from grace_lightning.eval.encoder import GraceEncoder  # noqa: E402
 from grace_lightning.models.backbone import BackboneConfig, load_backbone  # noqa: E402
-from grace_lightning.prompts import ChatPrompter  # noqa: E402
+from grace_lightning.prompts import DEFAULT_SYSTEM_PROMPT, ChatPrompter  # noqa: E402
 from grace_lightning.rollout.engine import HFRolloutEngine, text_seed  # noqa: E402
 
 DATA = Path(os.environ.get("GRACE_DATA_ROOT", ROOT.parent / "shared" / "data"))
@@ -94,11 +101,22 @@ def main() -> None:
     p.add_argument("--texts-file", default=None, help="one text a line")
     p.add_argument("--skip-encoder", action="store_true", help="no GraceEncoder end-to-end row")
     p.add_argument("--json", default=None, help="also write the grid here")
+    p.add_argument(
+        "--st-modes", default="base", help="modes for the ST-module rows ('' to skip them)"
+    )
+    p.add_argument("--st-batch", type=int, default=32, help="batch size of the ST-module rows")
+    p.add_argument("--st-repeats", type=int, default=2)
+    p.add_argument("--st-only", action="store_true", help="only the GraceEncoder vs ST-module rows")
     args = p.parse_args()
     dev, r = args.device, args.new_tokens
     model, tok = load_backbone(BackboneConfig(), device=dev)
     model.eval()
     texts = load_texts(args.texts, args.texts_file)
+    if args.st_only:
+        rows = bench_st_module(model, tok, texts, args, dev)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"st_module": rows, "new_tokens": r}, indent=1))
+        return
     pr = ChatPrompter(tok)
     ordered = sorted(pr.encode(texts), key=len, reverse=True)  # as GraceEncoder batches them
     seeds = [text_seed(0, t) for t in texts]  # any fixed per-text seeds: same work per row
@@ -213,10 +231,77 @@ def main() -> None:
             f"({len(texts) / t_cold:,.1f} texts/s, {len(texts) * r / t_cold:,.0f} tok/s); from the "
             f"cache {t_hot:.3f} s ({t_cold / t_hot:,.0f}x faster)"
         )
+    st_rows = []
+    if args.st_modes:
+        st_rows = bench_st_module(model, tok, texts, args, dev)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"grid": grid, "texts": len(texts), "new_tokens": r}, indent=1)
+            json.dumps(
+                {"grid": grid, "st_module": st_rows, "texts": len(texts), "new_tokens": r},
+                indent=1,
+            )
         )
+
+
+def bench_st_module(model, tok, texts, args, dev) -> list[dict]:
+    """GraceEncoder vs the exported sentence-transformers module: same export, process, texts."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from grace_lightning.eval.distributed import with_autocast
+    from grace_lightning.export import save_policy
+
+    bs, r = args.st_batch, args.new_tokens
+    rows = []
+    print(
+        f"\nSame export, {len(texts)} texts, batch {bs}: GraceEncoder vs SentenceTransformer("
+        f"export, trust_remote_code=True) (rationales {r} tokens, EOS ignored, no cache)"
+    )
+    print(
+        "| mode | precision | GraceEncoder texts/s | ST module texts/s | ST / GraceEncoder "
+        "| max abs diff |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {  # what GraceModule.export writes: the training system prompt included
+            "system_prompt": DEFAULT_SYSTEM_PROMPT,
+            "max_prompt_tokens": 1024,
+            "backbone": "smollm2",
+            "rollout": {"max_new_tokens": r},
+        }
+        export = save_policy(model, tok, Path(tmp) / "run" / "export", meta, False)
+        gen = {"max_new_tokens": r, "ignore_eos": True}
+        for prec in args.precisions.split(","):
+            enc = GraceEncoder.from_run_dir(export, device=dev, generation=gen)
+            encode = with_autocast(enc, prec)
+            st = SentenceTransformer(
+                str(export),
+                trust_remote_code=True,
+                device=dev,
+                model_kwargs={"precision": prec, **gen},
+            )
+            for mode in args.st_modes.split(","):
+                kw = {"batch_size": bs, "show_progress_bar": False, "mode": mode}
+                t_enc, t_st, out = [], [], {}
+                for _ in range(args.st_repeats):  # alternately: both see the same machine load
+                    t_enc.append(timed(lambda: out.update(enc=encode(texts, **kw)), dev))  # noqa: B023
+                    t_st.append(timed(lambda: out.update(st=st.encode(texts, **kw)), dev))  # noqa: B023
+                diff = float(np.abs(out["enc"] - out["st"]).max())  # the same vectors?
+                row = {
+                    "mode": mode,
+                    "precision": prec,
+                    "batch": bs,
+                    "grace_encoder_texts_per_s": len(texts) / min(t_enc),
+                    "st_module_texts_per_s": len(texts) / min(t_st),
+                    "max_abs_diff": diff,
+                }
+                rows.append(row)
+                print(
+                    f"| {mode} | {prec} | {row['grace_encoder_texts_per_s']:,.1f} | "
+                    f"{row['st_module_texts_per_s']:,.1f} | {min(t_enc) / min(t_st):.2f}x | "
+                    f"{diff:.1e} |"
+                )
+    return rows
 
 
 if __name__ == "__main__":

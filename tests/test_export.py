@@ -361,3 +361,100 @@ def test_push_to_hub_uploads_the_export(tiny_backbone, tmp_path, monkeypatch):
         SimpleNamespace(is_global_zero=True, fast_dev_run=False), None
     )
     assert not calls  # off by default
+
+
+@pytest.mark.parametrize(
+    ("grace", "hydra_cfg", "title"),
+    [
+        (
+            {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "reward": "sup"},
+            None,
+            "GRACE (supervised) on SmolLM2-135M-Instruct",
+        ),
+        (  # no reward in grace_config.json (older exports): the run's Hydra config says
+            {"base_model": "Qwen/Qwen2.5-1.5B-Instruct", "backbone": "qwen"},
+            "reward:\n  mode: unsup\n",
+            "GRACE (unsupervised) on Qwen2.5-1.5B-Instruct",
+        ),
+        (
+            {"method": "infonce", "backbone": "tiny"},
+            None,
+            "InfoNCE baseline (supervised) on tiny",
+        ),
+    ],
+)
+def test_model_card_is_titled_for_what_the_model_is(tmp_path, grace, hydra_cfg, title):
+    """Not the run dir's date (``# 2026-12-06_02-10-36``): method, reward and base model."""
+    from huggingface_hub import ModelCard
+
+    from grace_lightning.export.card import write_model_card
+
+    run = tmp_path / "2026-12-06_02-10-36"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "grace_config.json").write_text(json.dumps(grace))
+    if hydra_cfg:
+        (run / ".hydra").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(hydra_cfg)
+    card = ModelCard.load(write_model_card(run / "export", run_dir=run))
+    first_heading = next(line for line in card.text.splitlines() if line.startswith("# "))
+    assert first_heading == f"# {title}"
+    assert card.data.model_name == title
+    assert "run `2026-12-06_02-10-36`" in card.text  # the run is still named, below the title
+
+
+def test_dev_scores_reach_the_model_index(tiny_backbone, tmp_path):
+    """ExportPolicy, when fit ends, copies DevEvaluation's last scores into grace_config.json and
+    the card: a model-index entry per dev task (dataset, split, cosine_spearman) + a table."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import ModelCard
+
+    from grace_lightning.callbacks.dev_eval import DevEvaluation
+    from grace_lightning.callbacks.export import ExportPolicy
+    from grace_lightning.export import export_options, save_policy
+
+    model, tok = tiny_backbone
+    run = tmp_path / "run"
+    policy = SimpleNamespace(hparams={"reward": {"mode": "sup"}}, embedding_mode="rationale")
+    from grace_lightning.callbacks.export import run_labels
+
+    with export_options(extra_meta=run_labels(policy)):  # what ExportPolicy.on_train_end passes
+        save_policy(model, tok, run / "export", {"backbone": "tiny"}, False)
+    dev = DevEvaluation(data_root=str(DATA_ROOT), max_samples=8)
+    dev.setup(None, None, "fit")  # reads the 8-pair subsets
+    dev.start_scores = {"val/stsb_dev": 10.0, "val/sick_trial": 20.0, "val/dev_avg": 15.0}
+    dev.history = [
+        {"rollout_batch": 0.0, **dev.start_scores},
+        {
+            "rollout_batch": 12.0,
+            "val/stsb_dev": 61.5,
+            "val/sick_trial": 55.25,
+            "val/dev_avg": 58.375,
+        },
+    ]
+    trainer = SimpleNamespace(
+        callbacks=[dev], is_global_zero=True, fast_dev_run=False, lightning_module=policy
+    )
+    ExportPolicy(str(run / "export")).on_fit_end(trainer, policy)
+
+    grace = json.loads((run / "export" / "grace_config.json").read_text())
+    assert grace["reward"] == "sup"
+    assert grace["dev"]["rollout_batch"] == 12 and grace["dev"]["dev_avg"] == 58.375
+    assert [t["pairs"] for t in grace["dev"]["tasks"]] == [8, 8]
+    card = ModelCard.load(run / "export" / "README.md")
+    assert "\n# GRACE (supervised) on tiny\n" in f"\n{card.text}"
+    got = {r.task_name: r for r in card.data.eval_results}
+    assert {k: r.metric_value for k, r in got.items()} == {"stsb_dev": 61.5, "sick_trial": 55.25}
+    assert got["stsb_dev"].dataset_type == "mteb/stsbenchmark-sts"
+    assert got["stsb_dev"].dataset_split == "dev" and got["sick_trial"].dataset_split == "trial"
+    assert {r.metric_type for r in got.values()} == {"cosine_spearman"}
+    assert "## Dev scores" in card.text and "| trained | 61.50 | 55.25 | 58.38 |" in card.text
+    assert "| base model (untrained) | 10.00 | 20.00 | 15.00 |" in card.text
+    # a refresh (python -m grace_lightning.export <run>) keeps them: they live in grace_config
+    export_run(run)
+    assert {
+        r.task_name for r in ModelCard.load(run / "export" / "README.md").data.eval_results
+    } >= {
+        "stsb_dev",
+        "sick_trial",
+    }

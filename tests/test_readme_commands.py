@@ -1,34 +1,60 @@
 """Every single-run ``python train.py ...`` line users are shown composes and validates.
 
-``python train.py`` applies the quickstart preset after every group, so a documented command
-that worked on the group defaults can stop doing what its comment says (a contrastive method's
-lr replaced, the unsupervised reward run with supervised settings). These lines come from
-README.md, sweeps/README.md, train.py's docstring and the comments in conf/; multirun lines are
-tests/test_sweeps.py's, cluster launcher lines tests/test_launchers.py's.
+``python train.py`` applies a preset after every group (``experiment=auto``: the quickstart on the
+embedded model, the paper recipe on a paper backbone), so a documented command that worked on the
+group defaults can stop doing what its comment says (a contrastive method's lr replaced, the
+unsupervised reward run with supervised settings). These lines come from
+README.md, the docs site (docs/**/*.md: code blocks and inline code), sweeps/README.md, train.py's
+docstring and the comments in conf/; multirun lines are tests/test_sweeps.py's, cluster launcher
+lines tests/test_launchers.py's.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
 from grace_lightning.config import validate
+from grace_lightning.presets import resolve_overrides
 
 from .conftest import ROOT
 from .test_train import make_cfg
 
-SOURCES = [ROOT / "README.md", ROOT / "sweeps" / "README.md", ROOT / "train.py"]
-SOURCES += sorted((ROOT / "conf").rglob("*.yaml"))
+MARKDOWN = [ROOT / "README.md", ROOT / "sweeps" / "README.md"]
+MARKDOWN += sorted((ROOT / "docs").rglob("*.md"))
+SOURCES = [*MARKDOWN, ROOT / "train.py", *sorted((ROOT / "conf").rglob("*.yaml"))]
+INLINE = re.compile(r"`([^`]*python train\.py[^`]*)`")  # `python train.py ...` in running text
 
 
-def documented_commands() -> list[tuple[str, list[str]]]:
+def candidate_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of the places in ``path`` where a command can be written."""
+    out = []
+    fenced = False
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if path.suffix == ".yaml":  # commands sit in comments there: "#   python train.py"
+            if line.strip().startswith("#"):
+                out.append((n, line.strip()[1:]))
+        elif path.suffix == ".md":
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            elif fenced:  # a code block: the line is a shell command (or program output)
+                out.append((n, line))
+            else:  # running text and tables: only inline code spans
+                out += [(n, span) for span in INLINE.findall(line)]
+        else:
+            out.append((n, line))
+    return out
+
+
+def documented_commands(
+    sources: list[Path] = SOURCES, root: Path = ROOT
+) -> list[tuple[str, list[str]]]:
     """(where, overrides) of every documented single run of train.py."""
     found = []
-    for path in SOURCES:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if path.suffix == ".yaml":  # commands sit in comments there: "#   python train.py"
-                line = line.strip()[1:] if line.strip().startswith("#") else ""
+    for path in sources:
+        for n, line in candidate_lines(path):
             for part in line.split("&&"):
                 m = re.search(r"python train\.py(?: (.*))?$", part.split(" #")[0].strip(" `\\"))
                 if not m or "`" in (m.group(1) or ""):
@@ -38,7 +64,7 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                     "<" in o or "..." in o or o.startswith("hydra/launcher=") for o in overrides
                 ):
                     continue  # multiruns, placeholders, cluster launchers: tested elsewhere
-                found.append((f"{path.relative_to(ROOT)}:{n}", overrides))
+                found.append((f"{path.relative_to(root)}:{n}", overrides))
     return found
 
 
@@ -47,10 +73,31 @@ COMMANDS = documented_commands()
 
 def test_the_docs_show_enough_commands():
     assert len(COMMANDS) >= 30
+    where = {w.split(":")[0] for w, _ in COMMANDS}
     assert ("README.md", []) in [(w.split(":")[0], o) for w, o in COMMANDS]
+    # the commands that moved out of README.md into the docs site are still read from there
+    assert {"docs/training.md", "docs/paper.md", "docs/cluster.md"} <= where
+
+
+def test_inline_and_table_commands_are_read(tmp_path):
+    """A command in a table cell or in running text is checked like one in a code block;
+    program output and prose around it are not commands."""
+    page = tmp_path / "page.md"
+    page.write_text(
+        "| `python train.py backbone=qwen reward=sup` | GPU |\n"
+        "Run `python train.py debug=fdr` first.\n"
+        "```bash\npython train.py peft=lora   # LoRA\n```\n"
+        "python train.py in prose is not a command\n"
+    )
+    assert documented_commands([page], tmp_path) == [
+        ("page.md:1", ["backbone=qwen", "reward=sup"]),
+        ("page.md:2", ["debug=fdr"]),
+        ("page.md:4", ["peft=lora"]),
+    ]
 
 
 @pytest.mark.parametrize("where,overrides", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_documented_command_composes_and_validates(where, overrides, tmp_path):
-    # what `python train.py <overrides>` composes: train.yaml's default experiment (quickstart)
-    validate(make_cfg(overrides, tmp_path, preset="quickstart"))
+    # what `python train.py <overrides>` composes: train.yaml's default experiment (auto), which
+    # train.py resolves from backbone/reward/method before Hydra composes
+    validate(make_cfg(resolve_overrides(overrides), tmp_path, preset="auto"))

@@ -124,6 +124,7 @@ def test_module_file_is_self_contained(tiny_backbone, tmp_path, monkeypatch):
             imported.add(node.module.split(".")[0])
     assert imported <= {
         "__future__",
+        "contextlib",
         "hashlib",
         "inspect",
         "json",
@@ -172,3 +173,92 @@ def test_st_save_roundtrip(st_model, tmp_path):
         again.encode(TEXTS[:2], mode="base"), st_model.encode(TEXTS[:2], mode="base"), atol=ATOL
     )
     assert (tmp_path / "again" / ST_MODULE_FILE).is_file()
+
+
+def _tokens_run(st, fn):
+    """(result of fn(), tokens the decoder ran): counted at the embedding layer."""
+    seen = []
+    emb = st[0].model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        return fn(), sum(seen)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["base", "rationale"])
+def test_shared_prefix_runs_the_system_prompt_once_with_the_same_vectors(export, st_model, mode):
+    """The system prompt + chat header run once per batch (not once per text), vectors unchanged:
+    the same as without sharing and as GraceEncoder (which shares it too)."""
+    module = st_model[0]
+    assert module.share_prefix  # the default
+    shared, n_shared = _tokens_run(
+        st_model, lambda: st_model.encode(TEXTS, mode=mode, batch_size=len(TEXTS))
+    )
+    module.share_prefix = False
+    try:
+        plain, n_plain = _tokens_run(
+            st_model, lambda: st_model.encode(TEXTS, mode=mode, batch_size=len(TEXTS))
+        )
+    finally:
+        module.share_prefix = True
+    head, _ = module._frame(module.system_prompt)
+    # the prefix (= the system-prompt part, len(head) tokens) runs once instead of once per text
+    assert n_plain - n_shared == (len(TEXTS) - 1) * len(head) > 0
+    np.testing.assert_allclose(shared, plain, atol=ATOL)
+    ref = GraceEncoder.from_run_dir(export.parent, device="cpu").encode(
+        TEXTS, mode=mode, batch_size=2
+    )
+    np.testing.assert_allclose(shared, ref, atol=ATOL)
+
+
+def test_bf16_precision_option(export, st_model):
+    """precision="bf16" (model_kwargs, grace_config.json, attribute): bf16 autocast matmuls, fp32
+    vectors close to the fp32 ones; an unknown precision is refused naming the choices."""
+    from sentence_transformers import SentenceTransformer
+
+    assert st_model[0].precision == "fp32"
+    fp32 = st_model.encode(TEXTS, mode="base")
+    bf16 = SentenceTransformer(
+        str(export), trust_remote_code=True, device="cpu", model_kwargs={"precision": "bf16"}
+    )
+    assert bf16[0].precision == "bf16"
+    low, kinds = bf16.encode(TEXTS, mode="base"), []
+    q_proj = bf16[0].model.get_decoder().layers[0].self_attn.q_proj
+    handle = q_proj.register_forward_hook(lambda m, a, out: kinds.append(out.dtype))
+    try:
+        bf16.encode(TEXTS[:1], mode="base")
+        bf16.encode(TEXTS[:1], mode="rationale")
+    finally:
+        handle.remove()
+    assert set(kinds) == {torch.bfloat16}  # the matmuls ran in bf16
+    assert low.dtype == np.float32
+    assert np.abs(low - fp32).max() > 0  # not the fp32 path
+    cos = (low * fp32).sum(-1) / np.linalg.norm(low, axis=-1) / np.linalg.norm(fp32, axis=-1)
+    assert cos.min() > 0.999, cos
+    np.testing.assert_allclose(low, fp32, atol=0.05 * np.abs(fp32).max())
+    st_model[0].precision = "bf16"  # the same switch, as an attribute
+    try:
+        np.testing.assert_allclose(st_model.encode(TEXTS, mode="base"), low, atol=1e-6)
+    finally:
+        st_model[0].precision = "fp32"
+    rationale = bf16.encode(TEXTS, mode="rationale")
+    assert rationale.shape == fp32.shape and np.isfinite(rationale).all()
+    with pytest.raises(ValueError, match="precision='fp16': use one of"):
+        SentenceTransformer(
+            str(export), trust_remote_code=True, device="cpu", model_kwargs={"precision": "fp16"}
+        )
+
+
+def test_precision_and_prefix_survive_save(st_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    st_model[0].precision, st_model[0].share_prefix = "bf16", False
+    try:
+        st_model.save(str(tmp_path / "again"))
+    finally:
+        st_model[0].precision, st_model[0].share_prefix = "fp32", True
+    cfg = json.loads((tmp_path / "again" / "grace_config.json").read_text())
+    assert cfg["precision"] == "bf16" and cfg["share_prefix"] is False
+    again = SentenceTransformer(str(tmp_path / "again"), trust_remote_code=True, device="cpu")
+    assert again[0].precision == "bf16" and again[0].share_prefix is False

@@ -306,6 +306,32 @@ class DevEvaluation(L.Callback):
 
                 ExportPolicy(str(self.export_best_dir)).on_train_end(trainer, pl_module)
 
+    def card_scores(self, trainer: L.Trainer) -> dict[str, Any] | None:
+        """The last scores (the final policy's when it scores at the end) as the export's model card
+        reads them (callbacks/export.py), or None before the first scoring."""
+        if not self.history:
+            return None
+        last = self.history[-1]
+        pairs = {name: len(s1) for name, s1, _, _ in self._data or []}
+        start = self.start_scores or {}
+        return {
+            "mode": self.resolved_mode(trainer.lightning_module),
+            "rollout_batch": int(last["rollout_batch"]),
+            "metric": "cosine_spearman x100",
+            "tasks": [
+                {
+                    "task": t.name,
+                    "path": str(t.path),
+                    "pairs": pairs.get(t.name),
+                    "score": float(last[f"val/{t.name}"]),
+                }
+                for t in self.tasks
+                if f"val/{t.name}" in last
+            ],
+            "dev_avg": float(last["val/dev_avg"]) if "val/dev_avg" in last else None,
+            "start": {k.removeprefix("val/"): float(v) for k, v in start.items()},
+        }
+
     def _publish_directly(self, trainer: L.Trainer, scores: dict[str, float]) -> None:
         """Hooks where ``self.log`` is not allowed: callback_metrics + every logger."""
         for name, value in scores.items():

@@ -1,4 +1,10 @@
-"""Progress inside a rollout batch: rows finished and tokens/s on the progress bar.
+"""The training progress bar: the time budget's ETA, and progress inside a rollout batch.
+
+`TimeBudgetProgressBar` (Lightning's TQDM bar; ``train.py`` puts it in place of Lightning's default
+when ``trainer.enable_progress_bar``): when ``trainer.max_time`` ends training before the epoch
+does, the bar's total becomes the number of batches that fit in the time left, so its count and ETA
+follow the budget (``12/58 [01:31<07:29]`` for a 9-minute budget, not ``12/731 [01:31<1:41:38]``).
+
 
 A paper-size rollout batch (640 rows x up to 2048 tokens) takes minutes between two training
 steps; Lightning's bar only moves at the end of a step. `RolloutProgress` hands the rollout engine
@@ -12,11 +18,59 @@ column: ``rollout: 37/640 rows, 412 tok/s``); without a bar (SLURM logs, ``enabl
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 
 log = logging.getLogger(__name__)
+
+
+def batches_in_budget(done: int, elapsed_s: float, left_s: float, natural: float | None) -> int:
+    """The epoch's batch count as the time budget sees it: ``done`` so far plus what fits in
+    ``left_s`` at this epoch's pace (``elapsed_s / done`` seconds a batch), at most ``natural``
+    (the epoch's own count; None/inf when unknown). At least ``done``."""
+    if done <= 0 or elapsed_s <= 0:
+        return int(natural) if natural not in (None, math.inf) else done
+    fits = done + math.ceil(max(left_s, 0.0) * done / elapsed_s)
+    return fits if natural in (None, math.inf) else int(min(fits, natural))
+
+
+class TimeBudgetProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar whose total and ETA follow ``trainer.max_time`` when it binds.
+
+    Without a ``Timer`` (no ``max_time``) or when the epoch ends before the budget, it is the plain
+    TQDM bar. ``budget_total``: the total the budget last set (None: it never bound).
+    """
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+        super().__init__(refresh_rate, process_position, leave)
+        self._epoch_start: float | None = None
+        self._epoch_total: float | None = None
+        self.budget_total: int | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._epoch_start = time.monotonic()
+        self._epoch_total = self.train_progress_bar.total  # the epoch's own count (or None)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.follow_budget(trainer, batch_idx + 1)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def follow_budget(self, trainer: L.Trainer, done: int) -> None:
+        """Set the bar's total to what fits in the Timer's remaining time (if that is fewer)."""
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        left = timer.time_remaining("train") if timer is not None else None
+        if left is None or self._epoch_start is None or self._train_progress_bar is None:
+            return
+        total = batches_in_budget(
+            done, time.monotonic() - self._epoch_start, left, self._epoch_total
+        )
+        binds = self._epoch_total is None or total < self._epoch_total
+        self.budget_total = total if binds else None
+        self.train_progress_bar.total = total  # the epoch's own count again once it fits
 
 
 class RolloutProgress(L.Callback):

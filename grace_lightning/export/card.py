@@ -1,9 +1,14 @@
 """The model card (``README.md``) of an export: YAML header for the Hub, then what the model is.
 
+The card is titled for what the model is (`model_title`: method, reward, base model, e.g.
+"GRACE (supervised) on SmolLM2-135M-Instruct"), not for the run dir's date.
+
 The header (``huggingface_hub.ModelCardData``): ``library_name: sentence-transformers``,
 ``base_model``, ``license``, ``pipeline_tag: sentence-similarity``, tags (``sentence-transformers``,
 ``mteb``, ``grace``, ...) and a ``model-index`` with one result per MTEB task from the run's
-``eval/scores.json`` (what ``eval.py`` / ``FinalEvaluation`` write), scores x100 as in MTEB.
+``eval/scores.json`` (what ``eval.py`` / ``FinalEvaluation`` write), scores x100 as in MTEB, and
+one per dev task of the last dev evaluation (``grace_config.json``'s ``dev``, which
+``ExportPolicy`` copies from ``DevEvaluation`` when training ends).
 
 The body: what GRACE is, the base model, the training config (``grace_config.json``, and the run's
 ``.hydra/config.yaml`` if there is one), the evaluation table, sample rationales from the run's
@@ -40,6 +45,53 @@ TAGS = [
     "custom_code",
 ]
 SCORE_FILES = ("eval/scores.json", "scores.json")
+METHOD_LABELS = {"grace": "GRACE", "infonce": "InfoNCE baseline", "simcse": "SimCSE baseline"}
+REWARD_LABELS = {"sup": "supervised", "unsup": "unsupervised"}
+# dev files (callbacks/dev_eval.py DEFAULT_DEV_TASKS) -> the public dataset whose split they are
+DEV_DATASETS = {"stsb": ("mteb/stsbenchmark-sts", "STS-B"), "sick": ("mteb/sickr-sts", "SICK-R")}
+OBJECTIVE_REWARD = {"infonce": "sup", "simcse": "unsup"}  # contrastive baselines: data they use
+
+
+def model_title(grace: dict[str, Any], hydra: dict[str, Any] | None = None) -> str:
+    """What the model is: "<method> (<reward>) on <base model>", e.g. "GRACE (supervised) on
+    SmolLM2-135M-Instruct" (from ``grace_config.json``, else the run's Hydra config)."""
+    hydra = hydra or {}
+    method = str(grace.get("method") or "grace")
+    reward = grace.get("reward") or (hydra.get("reward") or {}).get("mode")
+    reward = reward or OBJECTIVE_REWARD.get(method)
+    base = (
+        grace.get("base_model")
+        or grace.get("backbone")
+        or ((hydra.get("backbone") or {}).get("name"))
+    )
+    label = METHOD_LABELS.get(method, method)
+    if reward:
+        label += f" ({REWARD_LABELS.get(str(reward), str(reward))})"
+    return f"{label} on {str(base).rstrip('/').split('/')[-1]}" if base else label
+
+
+def dev_results(dev: dict[str, Any] | None) -> list:
+    """model-index entries of the last dev evaluation (``grace_config.json``'s ``dev``)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for t in (dev or {}).get("tasks", []):
+        path = str(t.get("path") or "")
+        dataset, pretty = DEV_DATASETS.get(path.split("/")[0], (f"local/{t['task']}", t["task"]))
+        pairs = f", {t['pairs']} pairs" if t.get("pairs") else ""
+        out.append(
+            EvalResult(
+                task_type="STS",
+                task_name=t["task"],
+                dataset_type=dataset,
+                dataset_name=f"{pretty} ({Path(path).stem or 'dev'} split{pairs}; dev selection)",
+                dataset_config="default",
+                dataset_split=Path(path).stem or "dev",
+                metric_type="cosine_spearman",
+                metric_value=round(float(t["score"]), 2),
+            )
+        )
+    return out
 
 
 def find_scores(run_dir: Path | None) -> dict[str, Any] | None:
@@ -151,9 +203,11 @@ def render_model_card(
     export = Path(export)
     grace = json.loads((export / "grace_config.json").read_text(encoding="utf-8"))
     base = grace.get("base_model")
-    name = repo_id or (run_dir.name if run_dir else export.resolve().name)
+    hydra = _hydra_config(run_dir)
+    title = model_title(grace, hydra)
+    name = repo_id or title
     scores = find_scores(run_dir)
-    results = eval_results(scores, name)
+    results = eval_results(scores, name) + dev_results(grace.get("dev"))
     data = ModelCardData(
         library_name="sentence-transformers",
         base_model=base,
@@ -171,9 +225,11 @@ def render_model_card(
     use = repo_id or "path/to/export"
     parts = [
         f"---\n{header}\n---\n",
-        f"# {name}\n",
+        f"# {title}\n",
+        _run_line(repo_id, run_dir, export),
         _intro(method, mode, base, grace),
-        _training(grace, _hydra_config(run_dir)),
+        _training(grace, hydra),
+        _dev_table(grace.get("dev")),
         _eval_table(scores),
         _rationales(sample_rationales(run_dir)),
         _usage(use, mode, gen, grace),
@@ -196,6 +252,37 @@ def write_model_card(
 
 
 # ----------------------------------------------------------------------------- sections
+def _run_line(repo_id: str | None, run_dir: Path | None, export: Path) -> str:
+    run = run_dir.name if run_dir else export.resolve().name
+    return f"{f'`{repo_id}`, ' if repo_id else ''}trained by grace_lightning run `{run}`.\n"
+
+
+def _dev_table(dev: dict | None) -> str:
+    if not dev or not dev.get("tasks"):
+        return ""
+    start = dev.get("start") or {}
+    cols = [t["task"] for t in dev["tasks"]] + ["dev_avg"]
+    rows = [
+        (
+            "trained",
+            {**{t["task"]: t["score"] for t in dev["tasks"]}, "dev_avg": dev.get("dev_avg")},
+        )
+    ]
+    if start:
+        rows.insert(0, ("base model (untrained)", start))
+
+    def cell(v) -> str:
+        return f"{float(v):.2f}" if isinstance(v, int | float) else ""
+
+    body = "\n".join(f"| {n} | " + " | ".join(cell(r.get(c)) for c in cols) + " |" for n, r in rows)
+    return (
+        f"## Dev scores\n\nThe run's last dev evaluation (`{dev.get('mode', 'rationale')}` mode, "
+        f"after {dev.get('rollout_batch', '?')} rollout batches; Spearman x100 of cosine on seeded "
+        "subsets of dev/trial splits, used for model selection, never a test split):\n\n"
+        f"| | {' | '.join(cols)} |\n|---|" + "---:|" * len(cols) + f"\n{body}\n"
+    )
+
+
 def _intro(method: str, mode: str, base: str | None, grace: dict) -> str:
     what = (
         f"a **GRACE** embedding model ([arXiv 2510.04506]({PAPER}), ICLR 2026; upstream code: "

@@ -24,10 +24,26 @@ Sampling matches ``grace_lightning.rollout.engine.HFRolloutEngine`` step for ste
 same filtering, same pooling), so the vectors agree with ``GraceEncoder`` (tests/test_st.py).
 ``model.encode(..., mode="base")`` switches mode per call; ``model[0].max_new_tokens = 256`` etc.
 change generation settings.
+
+Speed (as ``GraceEncoder``; ``bench/encode.py`` measures both side by side):
+
+- shared prefix (``share_prefix=True``, the default): the system prompt + chat header every text
+  of a batch starts with (~40 tokens, most of a short sentence's prompt) is run once per batch,
+  batch 1, and its KV reused by every row; pooling starts after it, so the vectors do not change
+  (full-attention models; sliding-window / hybrid ones run the whole prompt per row);
+- ``precision="bf16"``: matmuls under ``torch.autocast(<device>, bfloat16)`` over the weights as
+  loaded (pooling and sampling arithmetic stay fp32); ``"fp32"`` (default) runs as loaded.
+  ``model_kwargs={"dtype": "bfloat16"}`` loads bf16 weights instead (GPU).
+
+Both are ``model_kwargs`` at load (``SentenceTransformer(path, trust_remote_code=True,
+model_kwargs={"precision": "bf16"})``), keys of ``grace_config.json`` or attributes
+(``model[0].precision = "bf16"``). ``encode(..., precision=...)`` is sentence-transformers' own
+(output quantisation), not this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -46,6 +62,7 @@ except ImportError:  # pragma: no cover - other versions / no sentence-transform
 
 CONFIG_NAME = "grace_config.json"
 MODES = ("base", "rationale")
+PRECISIONS = ("fp32", "bf16")  # bf16: autocast over the weights as loaded
 GENERATION_DEFAULTS = {  # paper/upstream eval: T=1.0, top_p=1.0, up to 2048 new tokens
     "temperature": 1.0,
     "max_new_tokens": 2048,
@@ -117,12 +134,48 @@ def _cache_kwarg(decoder) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def full_attention_only(model) -> bool:
+    """True when every layer is plain full attention (a prefix KV can be reused as is)."""
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and any(t != "full_attention" for t in types):
+        return False
+    return not getattr(model.config, "use_sliding_window", False)
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {PRECISIONS}")
+    return precision
+
+
+def _cache_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (keys, values), (B, H, L, d) each, of a DynamicCache (4.x and 5.x layouts)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # pragma: no cover - transformers 4.x
+
+
+def suffix_rows(ids: torch.Tensor, mask: torch.Tensor, start: int, pad_id: int):
+    """Left-padded (B, L) rows without their first ``start`` real tokens.
+
+    Returns ids (B, T) and mask (B, T) of the rest, left-padded, the attention mask over
+    [prefix | rest] (B, start + T) and position ids (B, T) continuing from ``start``.
+    """
+    rest = [row[m.bool()][start:].tolist() for row, m in zip(ids, mask)]
+    s_ids, s_mask = left_pad(rest, pad_id)
+    s_ids, s_mask = s_ids.to(ids.device), s_mask.to(ids.device)
+    full = torch.cat([s_mask.new_ones((len(rest), start)), s_mask], dim=-1)
+    return s_ids, s_mask, full, positions_from_mask(s_mask) + start
+
+
 # ----------------------------------------------------------------------------- the module
 class GraceEmbedding(_Base):
     """A GRACE policy as a sentence-transformers input module (see the file docstring)."""
 
     config_file_name = CONFIG_NAME
-    forward_kwargs = {"mode"}  # model.encode(texts, mode="base")
+    # model.encode(texts, mode="base"); not "precision": SentenceTransformer.encode has its own
+    # (quantisation of the output), so ours is set at load, in grace_config.json or as an attribute
+    forward_kwargs = {"mode"}
     save_in_root = True
 
     def __init__(
@@ -134,10 +187,14 @@ class GraceEmbedding(_Base):
         mode: str = "rationale",
         generation: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        precision: str = "fp32",
+        share_prefix: bool = True,
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
+        self.precision = check_precision(precision)
+        self.share_prefix = bool(share_prefix)  # run the system prompt once per batch
         self.model = model.eval()
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"
@@ -213,24 +270,68 @@ class GraceEmbedding(_Base):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: use one of {MODES}")
         system_len = int(features["system_len"][0])
-        if mode == "base":
-            features["sentence_embedding"] = self._base(features, system_len)
-            features["rationale"] = [None] * features["input_ids"].shape[0]
-        else:
-            emb, rationales = self._rationale(features, system_len)
-            features["sentence_embedding"] = emb
-            features["rationale"] = rationales
+        with self._autocast(check_precision(self.precision)):
+            if mode == "base":
+                features["sentence_embedding"] = self._base(features, system_len)
+                features["rationale"] = [None] * features["input_ids"].shape[0]
+            else:
+                emb, rationales = self._rationale(features, system_len)
+                features["sentence_embedding"] = emb
+                features["rationale"] = rationales
         return features
 
+    def _autocast(self, precision: str):
+        if precision == "bf16":
+            device = next(self.model.parameters()).device
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     # ------------------------------------------------------------------ embedding
+    def _prefix_len(self, mask: torch.Tensor, system_len: int) -> int:
+        """Tokens every row starts with that are run once (<= system_len, >= 1 token left)."""
+        if not self.share_prefix or not full_attention_only(self.model):
+            return 0
+        return max(0, min(system_len, int(mask.sum(-1).min()) - 1))
+
+    @torch.no_grad()
+    def _prefill(self, features, system_len: int, cache=None):
+        """The decoder over the prompts: with a shared prefix, the prefix once (batch 1) and
+        every row's rest after its KV. Returns the last hidden states (B, T, D), the pooling mask
+        (B, T), the attention mask over everything run so far (B, L) and each row's length (B,)."""
+        ids, mask = features["input_ids"], features["attention_mask"]  # (B, L) left-padded
+        decoder = self.model.get_decoder()
+        key = _cache_kwarg(decoder)
+        start = self._prefix_len(mask, system_len)
+        if not start:
+            extra = {key: cache, "use_cache": True} if cache is not None else {}
+            hidden = decoder(
+                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), **extra
+            ).last_hidden_state  # (B, L, D)
+            return hidden, pooling_mask(mask, system_len), mask, mask.sum(-1)
+        from transformers import DynamicCache
+
+        head = ids[0][mask[0].bool()][:start][None]  # (1, S): the same in every row
+        once = DynamicCache(config=self.model.config)
+        decoder(
+            input_ids=head,
+            attention_mask=torch.ones_like(head),
+            position_ids=torch.arange(start, device=ids.device)[None],
+            use_cache=True,
+            **{key: once},
+        )
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
+        for layer, (k, v) in enumerate(_cache_kv(once)):  # (1, H, S, d) -> (B, H, S, d)
+            cache.update(k.expand(len(ids), -1, -1, -1), v.expand(len(ids), -1, -1, -1), layer)
+        s_ids, s_mask, full, pos = suffix_rows(ids, mask, start, self.tokenizer.pad_token_id)
+        hidden = decoder(
+            input_ids=s_ids, attention_mask=full, position_ids=pos, use_cache=True, **{key: cache}
+        ).last_hidden_state  # (B, T, D)
+        return hidden, pooling_mask(s_mask, system_len - start), full, mask.sum(-1)
+
     @torch.no_grad()
     def _base(self, features, system_len: int) -> torch.Tensor:
-        ids, mask = features["input_ids"], features["attention_mask"]
-        hidden = self.model.get_decoder()(
-            input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)
-        ).last_hidden_state.float()  # (B, L, D)
-        pool = pooling_mask(mask, system_len)  # (B, L)
-        total = torch.where(pool[..., None], hidden, 0.0).sum(1)
+        hidden, pool, _, _ = self._prefill(features, system_len)  # (B, T, D), (B, T)
+        total = torch.where(pool[..., None], hidden.float(), 0.0).sum(1)
         return total / pool.sum(-1, keepdim=True).clamp(min=1)  # (B, D) float32
 
     def _eos_ids(self) -> list[int]:
@@ -248,26 +349,19 @@ class GraceEmbedding(_Base):
         model = self.model
         decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
         cache_key = _cache_kwarg(decoder)
-        p_ids, p_mask = features["input_ids"], features["attention_mask"]  # (N, Lp)
+        p_ids = features["input_ids"]  # (N, Lp) left-padded
         device, n_rows, steps = p_ids.device, p_ids.shape[0], self.max_new_tokens
         pad_id = self.tokenizer.pad_token_id
 
         cache = DynamicCache(config=model.config)
-        out = decoder(
-            input_ids=p_ids,
-            attention_mask=p_mask,
-            position_ids=positions_from_mask(p_mask),
-            use_cache=True,
-            **{cache_key: cache},
-        )
-        hidden = out.last_hidden_state.float()  # (N, Lp, D)
-        pool = pooling_mask(p_mask, system_len)  # (N, Lp)
+        # last hidden (N, T, D), pooling mask (N, T), attention so far (N, L), positions (N,)
+        last, pool, attn, next_pos = self._prefill(features, system_len, cache)
+        hidden = last.float()  # (N, T, D)
         emb_sum = torch.where(pool[..., None], hidden, 0.0).sum(1)  # (N, D)
         emb_count = pool.sum(-1).float()  # (N,)
-        logits = lm_head(out.last_hidden_state[:, -1]).float()  # (N, V)
+        logits = lm_head(last[:, -1]).float()  # (N, V)
 
         active = torch.arange(n_rows, device=device)
-        attn, next_pos = p_mask, p_mask.sum(-1)
         resp = torch.full((n_rows, steps), pad_id, dtype=torch.long, device=device)
         resp_mask = torch.zeros((n_rows, steps), dtype=torch.long, device=device)
         eos = torch.tensor(self._eos_ids(), device=device)
@@ -332,7 +426,8 @@ class GraceEmbedding(_Base):
         **kwargs: Any,
     ) -> GraceEmbedding:
         """An export dir or Hub id. ``model_kwargs`` go to ``from_pretrained`` (e.g. ``dtype``),
-        except GRACE's own: ``mode``, ``system_prompt`` and the generation settings."""
+        except GRACE's own: ``mode``, ``system_prompt``, ``precision``, ``share_prefix`` and the
+        generation settings."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import cached_file
 
@@ -351,7 +446,8 @@ class GraceEmbedding(_Base):
             with open(cfg_file, encoding="utf-8") as f:
                 cfg = json.load(f)
         mk = dict(model_kwargs or {})
-        own = {k: mk.pop(k) for k in ("mode", "system_prompt", *GENERATION_DEFAULTS) if k in mk}
+        names = ("mode", "system_prompt", "precision", "share_prefix", *GENERATION_DEFAULTS)
+        own = {k: mk.pop(k) for k in names if k in mk}
         mk.setdefault("dtype", "float32" if not torch.cuda.is_available() else "auto")
         model = AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=trust_remote_code, **hub, **mk
@@ -367,6 +463,8 @@ class GraceEmbedding(_Base):
             mode=own.get("mode") or cfg.get("embedding_mode") or "rationale",
             generation=generation,
             config=cfg,
+            precision=own.get("precision") or cfg.get("precision") or "fp32",
+            share_prefix=bool(own.get("share_prefix", cfg.get("share_prefix", True))),
         )
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
@@ -378,6 +476,8 @@ class GraceEmbedding(_Base):
             "max_prompt_tokens": self.max_prompt_tokens,
             "embedding_mode": self.mode,
             "generation": self.generation,
+            "precision": self.precision,
+            "share_prefix": self.share_prefix,
         }
         with open(os.path.join(output_path, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2)
@@ -390,5 +490,6 @@ class GraceEmbedding(_Base):
     def __repr__(self) -> str:
         return (
             f"GraceEmbedding(mode={self.mode!r}, dim={self.get_sentence_embedding_dimension()}, "
-            f"max_prompt_tokens={self.max_prompt_tokens}, generation={self.generation})"
+            f"max_prompt_tokens={self.max_prompt_tokens}, precision={self.precision!r}, "
+            f"share_prefix={self.share_prefix}, generation={self.generation})"
         )

@@ -46,7 +46,7 @@ def push_to_hub(
                 f"({base}); Hub users could not load it. Push a merged export (no --adapter-only)."
             )
     if not (export / "modules.json").exists():
-        from grace_lightning.export import write_sentence_transformers_files
+        from grace_lightning.export.policy import write_sentence_transformers_files
 
         write_sentence_transformers_files(export)
     run_dir = export.parent if export.name == "export" else None

@@ -63,7 +63,7 @@ def group_std(term: Tensor) -> Tensor:
     """term (B, K) -> (B,) UNBIASED (Bessel-corrected, as `torch.std` and TRL) std per group.
 
     NaN entries (masked rollouts, see `apply_truncation`) are ignored; a group with fewer than
-    two finite values has std 0. Logged as `rewards/<term>_group_std`.
+    two finite values has std 0. Logged as `rewards/<term>/group_std`.
     """
     term = _f32(term)
     valid = ~torch.isnan(term)  # (B, K)
