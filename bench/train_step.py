@@ -1,6 +1,7 @@
 """Seconds per GRACE step next to a bare reference and TRL's GRPOTrainer, measured in ONE run.
 
     python bench/train_step.py [--precision fp32|bf16] [--new-tokens 64] [--repeats 1]
+                               [--rollout-engine hf,vllm]
                                [--groups 4] [--k 8] [--data FILE] [--peer trl|none]
 
 Same prompts for every column: the first ``groups x repeats`` triplets of ``--data`` (default
@@ -56,7 +57,7 @@ from _common import (  # noqa: E402
 )
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bench_triplets" / "triplets.jsonl"
-PARTS = ("grace", "reference", "trl")
+PARTS = ("grace", "grace_vllm", "reference", "trl")  # grace_vllm: --rollout-engine vllm
 DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -88,7 +89,7 @@ def autocast(precision: str):
 
 
 # ----------------------------------------------------------------------------- grace
-def compose(args, out_dir: str):
+def compose(args, out_dir: str, engine: str = "hf"):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -116,6 +117,7 @@ def compose(args, out_dir: str):
         "callbacks=none",
         "model.logging_cfg.table_every_n_steps=0",
         f"paths.output_dir={out_dir}",
+        f"rollout.engine={engine}",
     ]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
@@ -125,14 +127,17 @@ def compose(args, out_dir: str):
     return cfg
 
 
-def run_grace(args) -> dict:
+def run_grace(args, engine: str = "hf") -> dict:
     import csv
 
     from grace_lightning.train import train
 
+    extra = {}
     # checkpoints of a run are not part of the measurement: the directory goes with the run
     with tempfile.TemporaryDirectory(prefix="bench-", ignore_cleanup_errors=True) as out:
-        cfg = compose(args, out)
+        cfg = compose(args, out, engine)
+        if engine == "vllm":  # the engine's one-time load is not part of a step: start it first
+            extra["engine_load_s"] = start_vllm(cfg)
         train(cfg)
         with open(next(Path(out).rglob("metrics.csv"))) as f:
             rows = [r for r in csv.DictReader(f) if r.get("time/rollout")]
@@ -148,7 +153,26 @@ def run_grace(args) -> dict:
         "steps": len(rows),
         "mean_length": statistics.median(float(r["completions/mean_length"]) for r in rows),
         "peak_rss_gb": peak_rss_gb(),
+        **{
+            k.replace("time/", "") + "_s": statistics.median(float(r[k]) for r in rows)
+            for k in ("time/weight_sync", "time/rollout_scoring")
+            if engine == "vllm"
+        },
+        **extra,
     }
+
+
+def start_vllm(cfg) -> float:
+    """Create the process's shared vLLM engine the run's module will use; -> seconds."""
+    from grace_lightning.models.backbone import BackboneConfig, convert_gguf
+    from grace_lightning.rollout.vllm_engine import VLLMConfig, shared_llm
+
+    t0 = time.perf_counter()
+    r = cfg.rollout
+    vcfg = VLLMConfig.from_cfg(r.get("vllm"))
+    length = vcfg.max_model_len or (cfg.prompt.max_prompt_tokens + r.max_new_tokens)
+    shared_llm(str(convert_gguf(BackboneConfig(**cfg.backbone))), vcfg, length)
+    return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- reference
@@ -417,11 +441,21 @@ def main():
     p.add_argument("--repeats", type=int, default=1, help="measured steps per column (median)")
     p.add_argument("--peer", choices=("trl", "none"), default="trl")
     p.add_argument("--parts", default=None, help="comma-separated subset of grace,reference,trl")
+    p.add_argument(
+        "--rollout-engine",
+        default="hf",
+        help="comma-separated rollout engines of the GRACE column: hf, vllm (docs/vllm.md)",
+    )
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--part", choices=PARTS, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
-        fn = {"grace": run_grace, "reference": run_reference, "trl": run_trl}[args.part]
+        fn = {
+            "grace": run_grace,
+            "grace_vllm": lambda a: run_grace(a, "vllm"),
+            "reference": run_reference,
+            "trl": run_trl,
+        }[args.part]
         print("RESULT " + json.dumps(fn(args)))
         return
 
@@ -433,6 +467,10 @@ def main():
     parts = args.parts.split(",") if args.parts else ["grace", "reference"]
     if not args.parts and args.peer == "trl":
         parts.append("trl")
+    engines = args.rollout_engine.split(",")
+    if "grace" in parts and engines != ["hf"]:  # one GRACE column per engine, same run
+        i = parts.index("grace")
+        parts[i : i + 1] = [{"hf": "grace", "vllm": "grace_vllm"}[e] for e in engines]
     cfg = BackboneConfig()
     shape = ModelShape.from_config(AutoConfig.from_pretrained(convert_gguf(cfg)))
     _, steps = prompt_stats(args, load_tokenizer(cfg))
@@ -478,14 +516,24 @@ def main():
             print(f"\n{part} FAILED:\n{results[part]['error']}\n")
 
     # FLOPs per step (mean over the measured steps' prompts), by the same counter for every column
-    counters = {"grace": grace_step_flops, "reference": reference_step_flops, "trl": trl_step_flops}
+    counters = {
+        "grace": grace_step_flops,
+        "grace_vllm": grace_step_flops,  # + a no-grad scoring pass, not counted
+        "reference": reference_step_flops,
+        "trl": trl_step_flops,
+    }
     flops = {}
     for part, fn in counters.items():
         per = [fn(shape, pol, anc, args.k, args.new_tokens) for pol, anc in steps]
         flops[part] = {k: statistics.mean(f[k] for f in per) for k in per[0]}
 
     cols = [c for c in parts if "error" not in results.get(c, {"error": 1})]
-    names = {"grace": "GRACE step", "reference": "bare ref", "trl": "TRL 1.16"}
+    names = {
+        "grace": "GRACE step",
+        "grace_vllm": "GRACE vLLM",
+        "reference": "bare ref",
+        "trl": "TRL 1.16",
+    }
     print(f"\n{'':30s}" + "".join(f"{names[c]:>12s}" for c in cols))
 
     def row(label, fn):
@@ -502,6 +550,9 @@ def main():
     row("embed + reward (s)", lambda c, r: f"{r['reward_s']:.2f}" if "reward_s" in r else None)
     row("update (s)", lambda c, r: f"{r['update_s']:.1f}")
     row("step (s)", lambda c, r: f"{r['step_s']:.1f}")
+    row("  of which weight sync (s)", lambda c, r: f"{r['weight_sync_s']:.1f}")
+    row("  of which scoring pass (s)", lambda c, r: f"{r['rollout_scoring_s']:.1f}")
+    row("vLLM engine load (s, not in step)", lambda c, r: f"{r['engine_load_s']:.0f}")
     row("peak RSS (GB)", lambda c, r: f"{r['peak_rss_gb']:.2f}")
     row("process wall (s)", lambda c, r: f"{r['wall_s']:.0f}")
     row("rollout TFLOP", lambda c, r: f"{flops[c]['rollout'] / 1e12:.2f}")
@@ -540,6 +591,19 @@ def main():
             print(line)
         elif other == "trl":
             print("GRACE / TRL: n/a (TRL column not measured in this run)")
+    v = results.get("grace_vllm", {})
+    if "rollout_s" in g and "rollout_s" in v:
+        speed = g["rollout_s"] / v["rollout_s"]
+        print(
+            f"rollout: HF engine / vLLM engine = {speed:.2f}x (vLLM incl. weight sync + scoring "
+            f"pass; goal >= 2x: {'met' if speed >= 2 else 'MISSED'}); step: "
+            f"{g['step_s'] / v['step_s']:.2f}x"
+        )
+    if "step_s" in v and "step_s" in results.get("trl", {}):
+        ratio = v["step_s"] / results["trl"]["step_s"]
+        print(
+            f"GRACE vLLM step / TRL step = {ratio:.2f}x (goal <= 0.2x: {'met' if ratio <= 0.2 else 'MISSED'})"
+        )
     if "step_s" in g:
         for phase, bound in (("rollout", "decode"), ("update", "update")):
             achieved = flops["grace"][phase] / g[f"{phase}_s"] / 1e9
