@@ -132,3 +132,41 @@ def test_examples_round_trip_through_json(tmp_path):
     back = bs.load_examples(tmp_path / "per_example.json")["t"]
     assert back.score() == ex.score() and back.reported == 55.0 and back.key == "k"
     assert bs.load_examples(tmp_path / "missing.json") == {}
+
+
+def _noisy_clustering(seed: int = 0, n_per: int = 20, k: int = 6, noise: float = 0.3):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(k), n_per)
+    assign = np.where(rng.random(labels.size) < noise, rng.integers(0, k, labels.size), labels)
+    return bs.TaskExamples("C", "Clust", "v_measure", labels, assign)
+
+
+def test_resampling_documents_inflates_v_measure():
+    """Why clustering is held at its point: V-measure on document resamples (with replacement)
+    sits above the full-sample V-measure (duplicates always share a cluster)."""
+    ex = _noisy_clustering()
+    reps = bs.task_replicates(ex, bs.resample_indices("C", ex.n, 300, 0))
+    assert reps.mean() > ex.score() + 2.0, (ex.score(), reps.mean())
+
+
+def test_clustering_is_reported_as_its_point_without_width():
+    """Issue 19: a clustering task adds no width to the Avg interval and is not listed with an
+    interval; a difference between two models' clusterings is their point difference.
+    (On the old code the Avg interval was the biased resampling interval.)"""
+    ex = _noisy_clustering()
+    reported = ex.score()
+    got = bs.bootstrap_runs({"m": {"scores": {"C": reported}, "examples": {"C": ex}}}, n_boot=200)[
+        "m"
+    ]
+    assert got["avg_ci"] == pytest.approx((reported, reported), abs=1e-9)
+    assert got["tasks_with_ci"] == []
+    other = _noisy_clustering(seed=1)
+    d = bs.bootstrap_runs(
+        {
+            "a": {"scores": {"C": reported}, "examples": {"C": ex}},
+            "b": {"scores": {"C": other.score()}, "examples": {"C": other}},
+        },
+        ["b"],
+        n_boot=200,
+    )["a"]["diff"]["b"]
+    assert d["ci"] == pytest.approx((d["delta"], d["delta"]), abs=1e-9)

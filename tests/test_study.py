@@ -57,7 +57,7 @@ def test_config_rows_are_checked_with_the_key_to_change():
         ({**good, "train": ["reward=sup"]}, "rows.x.group"),
         ({**good, "group": "grace", "train": "reward=sup"}, "rows.x.train"),
         ({**good, "labels": "typo"}, "unknown field"),
-        ({**good, "init_from": "base"}, "rows.x: init_from / minutes need a trained row"),
+        ({**good, "init_from": "base"}, "rows.x: init_from / minutes / lr_from need a trained row"),
         (
             {**good, "group": "grace", "train": [], "init_from": "nope"},
             "rows.x.init_from: 'nope' is not another row",
@@ -399,3 +399,264 @@ def test_drift_table_means_of_first_and_last_batches():
     assert table[2] == "| collapsing | 2.85 -> 1.25 | 0.90 -> 0.90 |"
     assert len(table) == 3  # a row with no metrics has no line
     assert drift_table([{"label": "x", "metrics": []}]) == ""
+
+
+# ---------------------------------------------------------------------------- study v3
+def v3_cfg(tmp_path: Path, *overrides: str):
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="study_v3",
+            overrides=[
+                f"out_dir={tmp_path / 'study'}",
+                f"report_dir={tmp_path / 'report'}",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = str(tmp_path)
+    return cfg
+
+
+def test_v3_every_stage_composes_and_validates(tmp_path):
+    """Every train.py / eval stage of study_v3 is a valid config, per seed: the seed, the budget-
+    sized contrastive schedule, the sweep's dev data, pg_weight=0 arms, the continued InfoNCE
+    starting from the same seed's InfoNCE export, echo arms evaluating the same seed's model."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from grace_lightning.config import validate
+    from grace_lightning.study.v3 import arm_of
+
+    from .test_train import make_cfg
+
+    study = v3_cfg(tmp_path)
+    out = tmp_path / "study"
+    stages = plan(study)
+    trains = [s for s in stages if s.kind == "train"]
+    evals = [s for s in stages if s.kind == "eval"]
+    assert len(trains) == 6 + 10 * 3  # 6 sweep runs, 10 trained arms x 3 seeds
+    assert len(evals) == 2 + 12 * 3  # Base, w/ reasoning once; 12 evaluated arms x 3 seeds
+    assert not [s for s in stages if s.kind == "general"]  # the proxy is left out (v3)
+    for stage in trains:
+        overrides = [
+            o.replace("<chosen-by-sweep-infonce>", "5e-05").replace(
+                "<chosen-by-sweep-simcse>", "3e-05"
+            )
+            for o in stage.argv[2:]
+            if not o.startswith("hydra.run.dir=")
+        ]
+        cfg = make_cfg(overrides, tmp_path, preset="quickstart")
+        validate(cfg)
+        arm, seed = arm_of(stage.row)
+        if stage.row.startswith("sweeps/"):
+            assert [t.name for t in cfg.callbacks.dev_eval.tasks] == ["stsb_train", "sick_train"]
+            assert cfg.seed == 0 and cfg.trainer.max_steps == 17
+            continue
+        assert cfg.seed == seed, stage.row
+        row = study.rows[arm]
+        if row.group == "contrastive":
+            assert cfg.trainer.max_steps == int(5 * 3.5), stage.row  # the schedule = the budget
+            assert cfg.data.prompts_per_step == 32 and cfg.data.max_examples is None
+        else:
+            assert cfg.trainer.max_steps == 400  # a cap; the 5 minutes bind
+            assert cfg.algo.log_term_grad_norms_steps == 8
+        assert cfg.algo.pg_weight == (0.0 if "pg_weight=0" in " ".join(row.train) else 1.0)
+        if row.get("init_from"):
+            export = out / row.init_from / f"seed{seed}" / "train" / "export"
+            assert cfg.init_from == str(export) and cfg.backbone.pretrained == str(export)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for stage in evals:
+            overrides = [o for o in stage.argv[3:] if not o.startswith("hydra.run.dir=")]
+            cfg = compose(config_name="eval", overrides=overrides)
+            arm, seed = arm_of(stage.row)
+            assert cfg.mode == study.rows[arm].eval.mode
+            src = study.rows[arm].get("eval_of")
+            if src:  # echo of the same seed's model
+                assert cfg.model == str(out / src / f"seed{seed}" / "train")
+    GlobalHydra.instance().clear()
+
+
+def test_v3_dry_run_prints_arms_seeds_budget_and_estimate(tmp_path, capsys):
+    import re
+
+    run_study(v3_cfg(tmp_path, "dry_run=true"))
+    text = capsys.readouterr().out
+    assert "Seeds: [0, 1, 2]" in text
+    study = v3_cfg(tmp_path)
+    for arm, row in study.rows.items():
+        seeded = row.get("train") is not None or row.get("eval_of") is not None
+        assert re.search(rf"^{arm}\s+{'0,1,2' if seeded else '-'}\s", text, re.M), arm
+    assert "sweep infonce: lr in [2e-05, 5e-05, 0.0001]" in text
+    hours = float(re.search(r"Estimated total: \d+ min = ([\d.]+) h", text).group(1))
+    assert 6.0 <= hours <= 8.0, hours  # issue 19: 6-8 hours on 2 cores at most
+    assert "optim.lr=<chosen-by-sweep-infonce>" in text  # decided after the sweep runs
+    assert not (tmp_path / "study").exists()  # a dry run writes nothing
+
+
+def _fake_sweep_run(train_dir: Path, dev: list[float]) -> None:
+    (train_dir / "csv" / "version_0").mkdir(parents=True)
+    lines = ["step,val/dev_avg"] + [f"{i},{v}" for i, v in enumerate(dev)]
+    (train_dir / "csv" / "version_0" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    (train_dir / "DONE.json").write_text("{}")
+
+
+def test_v3_sweep_picks_the_lr_with_the_best_last_dev_score(tmp_path):
+    from grace_lightning.study.stages import train_argv
+    from grace_lightning.study.v3 import chosen_lr
+
+    cfg = v3_cfg(tmp_path)
+    out = tmp_path / "study" / "sweeps" / "infonce"
+    _fake_sweep_run(out / "lr2e-05" / "train", [40.0, 70.0, 50.0])  # best mid-run, not at the end
+    _fake_sweep_run(out / "lr5e-05" / "train", [40.0, 55.0])
+    assert chosen_lr(cfg, "infonce") is None  # one run unfinished: no choice yet
+    _fake_sweep_run(out / "lr0.0001" / "train", [40.0, 52.0])
+    assert chosen_lr(cfg, "infonce", write=True) == 5e-05
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["chosen_lr"] == 5e-05 and chosen["scores"]["2e-05"] == 50.0
+    rows = selected_rows(cfg)
+    argv = train_argv(cfg, rows["infonce/seed1"], tmp_path / "x")
+    assert "optim.lr=5e-05" in argv and "seed=1" in argv
+    assert argv.index("optim.lr=5e-05") < argv.index("method=infonce")  # row keys come after
+
+
+def test_v3_seed_tables_pair_by_seed_and_state_the_claims():
+    from omegaconf import OmegaConf
+
+    from grace_lightning.study.v3 import seed_tables
+
+    tasks = ["T1", "T2"]
+
+    def rec(name, s1, s2):
+        run = {"tasks": [{"task": "T1", "score": s1}, {"task": "T2", "score": s2}]}
+        return {"name": name, "label": name.split("/")[0], "run": run, "examples": {}}
+
+    # A beats B by 2, 3, 4 points on seeds 0-2 (paired); C vs B: +1, -1, 0
+    records = [
+        rec("a/seed0", 52, 52), rec("a/seed1", 60, 60), rec("a/seed2", 54, 54),
+        rec("b/seed0", 50, 50), rec("b/seed1", 57, 57), rec("b/seed2", 50, 50),
+        rec("c/seed0", 51, 51), rec("c/seed1", 56, 56), rec("c/seed2", 50, 50),
+    ]  # fmt: skip
+    cfg = OmegaConf.create(
+        {
+            "seeds": [0, 1, 2],
+            "primary": {"name": "P", "tasks": tasks},
+            "bootstrap": {"n": 50},
+            "claims": [{"name": "a>b", "a": "a", "b": "b"}, {"name": "c>b", "a": "c", "b": "b"}],
+        }
+    )
+    md, summary = seed_tables(cfg, records)
+    ab, cb = summary["claims"]
+    assert ab["diffs"] == [2.0, 3.0, 4.0]
+    half = 4.303 * 1.0 / np.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+    assert ab["ci"] == pytest.approx((3 - half, 3 + half), abs=1e-3)
+    assert ab["verdict"] == "supported"
+    assert cb["diffs"] == [1.0, -1.0, 0.0] and cb["verdict"].startswith("not supported")
+    # unpaired, the seeds' spread (50-57) would swamp a 3-point difference: pairing is the point
+    assert summary["arms"]["a"]["ci"][0] < summary["arms"]["b"]["ci"][1]
+    assert "| a>b (a vs b) | +3.00" in md and "supported" in md
+
+
+def _study_processes(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_tiny_v3_study_two_arms_two_seeds_killed_and_resumed(tmp_path):
+    """study_v3 reduced to InfoNCE + its echo x 2 seeds on the tiny model (with a 1-lr sweep):
+    the study process is SIGKILLed after its first stages; its running stage dies with it
+    (no orphan); the rerun redoes no finished stage, finishes, and reports the seed-paired
+    claim; a third run does nothing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = [
+        "base_model=tiny",
+        "only=[infonce_echo]",
+        "seeds=[0,1]",
+        "sweeps.infonce.lrs=[0.001]",
+        "contrastive_steps_per_minute=0.4",  # 5 min x 0.4 = 2 steps
+        "max_new_tokens=4",
+        "primary.tasks=[LocalSTS12,LocalSTS13]",
+        "claims=[{name:echo_vs_infonce,a:infonce_echo,b:infonce}]",
+        "bootstrap.n=50",
+        "train_extra=['data.max_examples=16','data.prompts_per_step=4',"
+        "'callbacks.dev_eval.max_samples=4','callbacks.model_checkpoint.every_n_rollout_batches=1']",
+        "eval_extra=['tasks=[LocalSTS12,LocalSTS13]','eval.max_samples=8','precision=fp32']",
+    ]
+    out = tmp_path / "study"
+    cli = [
+        sys.executable,
+        str(ROOT / "study.py"),
+        "--config-name",
+        "study_v3",
+        f"out_dir={out}",
+        f"report_dir={tmp_path / 'report'}",
+        *overrides,
+    ]
+    study = subprocess.Popen(cli, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "sweeps" / "infonce" / "lr0.001" / "train" / "DONE.json"
+    nxt = out / "infonce" / "seed0" / "train" / "stage.log"
+    deadline = time.time() + 400
+    while not (first.is_file() and nxt.is_file()) and time.time() < deadline:
+        assert study.poll() is None, "the study ended before it was stopped"
+        time.sleep(0.2)
+    assert first.is_file() and nxt.is_file()
+    study.send_signal(signal.SIGKILL)  # no handler runs: only PR_SET_PDEATHSIG stops the stage
+    study.wait(timeout=30)
+    for _ in range(150):
+        if not _study_processes(str(out / "infonce")):
+            break
+        time.sleep(0.2)
+    assert not _study_processes(str(out / "infonce")), "a stage outlived the killed study"
+    assert not (out / "infonce" / "seed0" / "train" / "DONE.json").exists()
+
+    cfg = v3_cfg(tmp_path, *overrides)
+    run_study(cfg)
+    attempts = lambda stage: len((out / stage / "attempts.jsonl").read_text().splitlines())  # noqa: E731
+    assert attempts("sweeps/infonce/lr0.001/train") == 1  # finished before the kill: kept
+    for s in (0, 1):
+        for stage in (
+            f"infonce/seed{s}/train",
+            f"infonce/seed{s}/eval",
+            f"infonce_echo/seed{s}/eval",
+        ):
+            assert (out / stage / "DONE.json").is_file(), stage
+        resolved = (out / f"infonce/seed{s}/train/.hydra/config.yaml").read_text()
+        assert f"seed: {s}\n" in resolved and "lr: 0.001" in resolved  # the sweep's choice
+        echo = json.loads((out / f"infonce_echo/seed{s}/eval/scores.json").read_text())
+        assert echo["mode"] == "echo" and echo["model"] == str(out / f"infonce/seed{s}/train")
+    summary = json.loads((tmp_path / "report" / "seeds.json").read_text())
+    (claim,) = summary["claims"]
+
+    def primary(stage):
+        tasks = json.loads((out / stage / "eval" / "scores.json").read_text())["tasks"]
+        return np.mean([t["score"] for t in tasks if t["task"] in ("LocalSTS12", "LocalSTS13")])
+
+    want = [primary(f"infonce_echo/seed{s}") - primary(f"infonce/seed{s}") for s in (0, 1)]
+    np.testing.assert_allclose(claim["diffs"], want, atol=1e-9)
+    half = 12.706 * np.std(want, ddof=1) / np.sqrt(2)
+    np.testing.assert_allclose(claim["ci"], [np.mean(want) - half, np.mean(want) + half], atol=1e-6)
+    report = (tmp_path / "report" / "study.md").read_text()
+    assert "**Claims**" in report and "echo_vs_infonce" in report and "s1:" in report
+
+    def all_attempts():
+        return sum(len(p.read_text().splitlines()) for p in out.rglob("attempts.jsonl"))
+
+    before = all_attempts()
+    run_study(cfg)
+    assert all_attempts() == before  # nothing redone

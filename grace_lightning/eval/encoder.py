@@ -6,7 +6,13 @@ the chat-templated text and a generated rationale, system prompt excluded (notes
 - ``base``: no rationale, the mean over the prompt after the system prompt (the paper's Base row);
 - ``rationale``: sample a rationale, then pool over text + rationale ("w/ reasoning" on a base
   model, GRACE on a trained one). Upstream eval: temperature 1.0, top-p 1.0, up to 2048 new tokens,
-  prompts cut to 1024 tokens, no L2 normalisation (notes §4).
+  prompts cut to 1024 tokens, no L2 normalisation (notes §4);
+- ``echo``: the text itself as the "rationale" (echo embeddings, Springer et al. 2024, arXiv
+  2402.15449): prompt + a copy of the text's tokens, pooled exactly as a rationale (prompt after the
+  system prompt + response). The copy obeys the rationale budget: cut to
+  ``generation.max_new_tokens`` tokens, ended by EOS when it fits (as a sampled rationale that
+  stops), without when it was cut (as one that hit the limit). Deterministic, no sampling, no
+  cache: the baseline that tells reasoning from copying.
 
 Rationales come from the training sampler (:class:`~grace_lightning.rollout.engine.HFRolloutEngine`,
 embeddings pooled in the sampling pass, unnormalised like upstream's eval) with one seed per text
@@ -54,7 +60,7 @@ from grace_lightning.rollout.engine import HFRolloutEngine, text_seed
 
 log = logging.getLogger(__name__)
 
-MODES = ("base", "rationale")
+MODES = ("base", "rationale", "echo")
 
 
 @dataclass
@@ -316,6 +322,8 @@ class GraceEncoder:
         elif mode == "base":
             emb = self._encode_base(texts, prompter, batch_size, show_progress_bar)
             rationales: list[str | None] = [None] * len(texts)
+        elif mode == "echo":
+            emb, rationales = self._encode_echo(texts, prompter, batch_size, show_progress_bar)
         else:
             emb, rationales = self._encode_rationale(texts, prompter, batch_size, show_progress_bar)
         return encode_output(
@@ -375,6 +383,34 @@ class GraceEncoder:
                 vecs.update((unique[i], v) for i, v in zip(idx, pooled))
                 bar.update(len(idx))
         return torch.stack([vecs[t] for t in texts])
+
+    def echo_ids(self, prompt_ids: list[int], prompter: ChatPrompter) -> list[int]:
+        """The echo "rationale" of one prompt: the text's tokens as they stand in the prompt
+        (cut as the prompt cuts them), at most ``generation.max_new_tokens``, + EOS if it fits."""
+        body = prompt_ids[prompter.system_len : len(prompt_ids) - len(prompter._tail_ids)]
+        budget = int(self.generation.max_new_tokens)
+        copy = list(body[:budget])
+        if len(copy) < budget:  # a rationale that stopped: its EOS is pooled too
+            copy.append(self.eos_ids[0])
+        return copy
+
+    def _encode_echo(self, texts, prompter, batch_size, show):
+        unique = list(dict.fromkeys(texts))
+        prompt_ids = prompter.encode(unique)
+        seqs = [p + self.echo_ids(p, prompter) for p in prompt_ids]  # prompt + copy
+        order = sorted(range(len(unique)), key=lambda i: -len(seqs[i]))
+        vecs: dict[str, torch.Tensor] = {}
+        with tqdm(total=len(unique), desc="Encoding (echo)", unit="text", disable=not show) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                pooled = self._pool([seqs[i] for i in idx], prompter.system_len)
+                vecs.update((unique[i], v) for i, v in zip(idx, pooled))
+                bar.update(len(idx))
+        copies = {
+            t: self.tokenizer.decode(s[len(p) :], skip_special_tokens=True)
+            for t, p, s in zip(unique, prompt_ids, seqs)
+        }
+        return torch.stack([vecs[t] for t in texts]), [copies[t] for t in texts]
 
     def _encode_rationale(self, texts, prompter, batch_size, show):
         settings = self.settings()

@@ -62,6 +62,8 @@ def model_meta(encoder: GraceEncoder, name: str | None = None) -> ModelMeta:
         )
         if g.top_k:
             experiment["top_k"] = g.top_k
+    elif encoder.mode == "echo":  # the copy is cut to the rationale budget
+        experiment.update(max_new_tokens=encoder.generation.max_new_tokens)
     n_params = sum(p.numel() for p in encoder.model.parameters())
     return ModelMeta(
         loader=None,

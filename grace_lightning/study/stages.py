@@ -37,17 +37,26 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from grace_lightning.study.common import DONE, REPO_ROOT, row_minutes  # noqa: F401 (re-exported)
 from grace_lightning.utils.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DONE = "DONE.json"
 ATTEMPTS = "attempts.jsonl"
-ROW_KEYS = {"label", "tables", "group", "train", "eval", "init_from", "minutes"}
+ROW_KEYS = {
+    "label",
+    "tables",
+    "group",
+    "train",
+    "eval",
+    "init_from",
+    "minutes",
+    "eval_of",
+    "lr_from",
+}
 TABLES = ("sup", "unsup")
 GROUPS = ("grace", "contrastive")
-MODES = ("base", "rationale")
+MODES = ("base", "rationale", "echo")  # echo: the text as its own rationale (eval/encoder.py)
 
 
 class StudyConfigError(ValueError):
@@ -64,6 +73,8 @@ class Stage:
     kind: str  # train | eval | samples | general
     dir: Path  # run dir (train/eval) or the row dir (samples)
     argv: list[str] = field(default_factory=list)  # subprocess command (train/eval)
+    # () -> argv, called right before the stage runs (v3: an lr chosen by a sweep run earlier)
+    rebuild: Any = None
 
     @property
     def done_file(self) -> Path:
@@ -121,10 +132,25 @@ def check_rows(rows: Mapping[str, Any]) -> None:
                 raise StudyConfigError(
                     f"{where}.eval.model: a trained row is evaluated on its own run; drop `model`"
                 )
-        elif row.get("init_from") is not None or row.get("minutes") is not None:
+        elif (
+            row.get("init_from") is not None
+            or row.get("minutes") is not None
+            or row.get("lr_from") is not None
+        ):
             raise StudyConfigError(
-                f"{where}: init_from / minutes need a trained row (set `train` and `group`)"
+                f"{where}: init_from / minutes / lr_from need a trained row (set `train` and `group`)"
             )
+        src = row.get("eval_of")
+        if src is not None:
+            if row.get("train") is not None:
+                raise StudyConfigError(
+                    f"{where}.eval_of: a trained row evaluates its own run; drop eval_of or train"
+                )
+            if src not in rows or src == name or rows[src].get("train") is None:
+                raise StudyConfigError(
+                    f"{where}.eval_of: {src!r} is not another trained row; use one of "
+                    f"{[n for n, r in rows.items() if n != name and r.get('train') is not None]}"
+                )
         if row.get("minutes") is not None and not float(row["minutes"]) > 0:
             raise StudyConfigError(f"{where}.minutes: {row['minutes']!r}; a positive number")
         dep = row.get("init_from")
@@ -147,18 +173,33 @@ def check_rows(rows: Mapping[str, Any]) -> None:
 
 
 def selected_rows(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The rows to run (``only`` + the rows they need), in dependency order; with ``seeds``
+    (study v3) one instance per seed of every trained / ``eval_of`` row (``<row>/seed<s>``)."""
+    from grace_lightning.study.v3 import expand_seeds
+
     rows = OmegaConf.to_container(cfg.rows, resolve=True)
     check_rows(rows)
+    sweeps = set(cfg.get("sweeps") or {})
+    for name, row in rows.items():
+        if row.get("lr_from") is not None and row["lr_from"] not in sweeps:
+            raise StudyConfigError(
+                f"rows.{name}.lr_from: {row['lr_from']!r} is not a sweep; sweeps are {sorted(sweeps)}"
+            )
     only = list(cfg.get("only") or [])
     missing = [n for n in only if n not in rows]
     if missing:
         raise StudyConfigError(f"only={missing}: no such row(s); rows are {list(rows)}")
     wanted = set(only or rows)
-    for n in list(wanted):  # a row needs the rows it starts from
-        while rows[n].get("init_from") is not None:
-            n = rows[n]["init_from"]
-            wanted.add(n)
-    return dependency_order({n: r for n, r in rows.items() if n in wanted})
+    todo = list(wanted)
+    while todo:  # a row needs the rows it starts from / evaluates
+        n = todo.pop()
+        for key in ("init_from", "eval_of"):
+            dep = rows[n].get(key)
+            if dep is not None and dep not in wanted:
+                wanted.add(dep)
+                todo.append(dep)
+    ordered = dependency_order({n: r for n, r in rows.items() if n in wanted})
+    return expand_seeds(cfg, ordered)
 
 
 def dependency_order(rows: Mapping[str, Any]) -> dict[str, Any]:
@@ -168,9 +209,10 @@ def dependency_order(rows: Mapping[str, Any]) -> dict[str, Any]:
     def add(n: str) -> None:
         if n in out:
             return
-        dep = rows[n].get("init_from")
-        if dep is not None and dep in rows:
-            add(dep)
+        for key in ("init_from", "eval_of"):
+            dep = rows[n].get(key)
+            if dep is not None and dep in rows:
+                add(dep)
         out[n] = rows[n]
 
     for n in rows:
@@ -213,12 +255,6 @@ def _append_groups(overrides: list[str]) -> list[str]:
     return out
 
 
-def row_minutes(cfg: DictConfig, row: Mapping[str, Any]) -> float | None:
-    """A trained row's wall-time budget in minutes (row ``minutes``, else ``train_minutes``)."""
-    m = row.get("minutes", cfg.get("train_minutes"))
-    return float(m) if m is not None else None
-
-
 def max_time(minutes: float) -> str:
     """Lightning's ``max_time`` string ``DD:HH:MM:SS`` for a budget in minutes (whole seconds)."""
     s = max(1, round(minutes * 60))
@@ -230,21 +266,43 @@ def train_argv(
 ) -> list[str]:
     """``train.py`` overrides: shared, speed-ups, dev, then the row's group, then the row's own,
     then its budget and start point, then extras."""
+    from grace_lightning.study.v3 import chosen_lr, contrastive_max_steps
+
     overrides = [
         f"backbone={cfg.base_model}",
         *_list(cfg, "train_overrides"),
         *_list(cfg, "speedups"),
-        *_list(cfg, "dev_overrides"),
+        # a sweep run scores itself on its own dev data (study v3's sweeps.<name>.dev_overrides)
+        *(row["dev_overrides"] if "dev_overrides" in row else _list(cfg, "dev_overrides")),
         *_list(cfg, f"{row['group']}_overrides"),
-        *row["train"],
     ]
     minutes = row_minutes(cfg, row)
+    steps = contrastive_max_steps(cfg, minutes) if row["group"] == "contrastive" else None
+    if steps is not None:  # v3: the linear decay ends with the budget (before the row's own)
+        overrides.append(f"trainer.max_steps={steps}")
+    if row.get("lr_from") is not None:  # v3: the sweep's choice (before the row's own keys)
+        lr = chosen_lr(cfg, row["lr_from"])
+        overrides.append(
+            f"optim.lr={lr if lr is not None else '<chosen-by-sweep-' + row['lr_from'] + '>'}"
+        )
+    overrides += row["train"]
     if minutes is not None:  # Lightning Timer: stops training after this much wall time
         overrides.append(f"++trainer.max_time='{max_time(minutes)}'")
     if init_dir is not None:
-        overrides.append(f"init_from={init_dir / 'export'}")
+        # experiment=two_stage_* declares init_from; a contrastive continuation (v3) adds it
+        plus = "++" if row["group"] == "contrastive" else ""
+        overrides.append(f"{plus}init_from={init_dir / 'export'}")
     overrides += [*_list(cfg, "train_extra"), f"hydra.run.dir={run_dir}"]
     return [sys.executable, str(REPO_ROOT / "train.py"), *_append_groups(overrides)]
+
+
+def model_dir(cfg: DictConfig, name: str, row: Mapping[str, Any]) -> Path | None:
+    """The training run a row's evaluation loads: its own, or its ``eval_of`` row's."""
+    if row.get("train") is not None:
+        return Path(cfg.out_dir) / name / "train"
+    if row.get("eval_of") is not None:
+        return Path(cfg.out_dir) / row["eval_of"] / "train"
+    return None
 
 
 def row_model(cfg: DictConfig, row: Mapping[str, Any], train_dir: Path | None) -> str:
@@ -299,17 +357,34 @@ def general_argv(cfg: DictConfig, row, run_dir: Path, train_dir: Path | None) ->
 def plan(cfg: DictConfig, rows: Mapping[str, Any] | None = None) -> list[Stage]:
     """Every stage of ``rows`` (default: the selected rows), in run order (a row's stages
     together)."""
+    import functools
+
+    from grace_lightning.study.v3 import sweep_rows
+
     out = Path(cfg.out_dir)
     stages: list[Stage] = []
-    for name, row in (rows if rows is not None else selected_rows(cfg)).items():
+    rows = rows if rows is not None else selected_rows(cfg)
+    used = {r.get("lr_from") for r in rows.values()} - {None}
+    sweeps = {n: r for n, r in sweep_rows(cfg).items() if r["sweep"] in used}
+    for name, row in {**sweeps, **rows}.items():  # the sweeps first: their lr is needed later
         train_dir = None
         if row.get("train") is not None:
             train_dir = out / name / "train"
             dep = row.get("init_from")
             init_dir = out / dep / "train" if dep is not None else None
+            argv = functools.partial(train_argv, cfg, row, train_dir, init_dir)
             stages.append(
-                Stage(name, "train", train_dir, train_argv(cfg, row, train_dir, init_dir))
+                Stage(
+                    name,
+                    "train",
+                    train_dir,
+                    argv(),
+                    rebuild=argv if row.get("lr_from") is not None else None,
+                )
             )
+        if row["eval"]["mode"] == "none":  # a sweep run: scored by its dev metric only
+            continue
+        train_dir = model_dir(cfg, name, row)
         eval_dir = out / name / "eval"
         stages.append(Stage(name, "eval", eval_dir, eval_argv(cfg, row, eval_dir, train_dir)))
         if row["eval"]["mode"] == "rationale" and cfg.get("samples") and cfg.samples.get("texts"):
@@ -363,9 +438,27 @@ def _terminate(child: subprocess.Popen, grace_s: float = 30.0) -> None:
         child.wait()
 
 
+def _die_with_parent() -> None:
+    """Linux: the stage gets SIGTERM when the study process dies, even by SIGKILL (or a lost
+    terminal), so a rerun never races an orphan still writing the same run dir."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: SIGTERM/Ctrl-C handling below still applies
+        pass
+
+
 def _call(argv: list[str], env: dict[str, str], logf) -> int:
-    """Run ``argv``; if the study is stopped (Ctrl-C, SIGTERM), stop the stage with it."""
-    child = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
+    """Run ``argv``; if the study is stopped (Ctrl-C, SIGTERM, SIGKILL), stop the stage with it."""
+    child = subprocess.Popen(
+        argv,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
 
     def on_sigterm(signum, frame):
         raise SystemExit(128 + signum)
@@ -385,7 +478,13 @@ def run_subprocess(stage: Stage) -> None:
     with open(stage.log_file, "a") as logf:
         logf.write(f"\n=== {time.strftime('%FT%T')} {' '.join(stage.argv)}\n")
         logf.flush()
-        rc = _call(stage.argv, env, logf)
+        try:
+            rc = _call(stage.argv, env, logf)
+        except (
+            BaseException
+        ):  # stopped (SIGTERM, Ctrl-C): the attempt counts, DONE.json is not written
+            _record_attempt(stage, time.time() - t0, -1)
+            raise
     seconds = time.time() - t0
     _record_attempt(stage, seconds, rc)
     if rc != 0:
@@ -412,7 +511,7 @@ def write_samples(cfg: DictConfig, stage: Stage, rows: Mapping[str, Any]) -> Non
     from grace_lightning.eval.run import load_encoder
 
     row = rows[stage.row]
-    model = row_model(cfg, row, stage.dir / "train" if row.get("train") is not None else None)
+    model = row_model(cfg, row, model_dir(cfg, stage.row, row))
     t0 = time.time()
     gen = GenerationSettings(
         max_new_tokens=int(cfg.max_new_tokens), seed=int(cfg.samples.get("seed", 0))
@@ -454,6 +553,18 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
                 f"{tag}: {' '.join(stage.argv) if stage.argv else 'rationales for samples.texts'}"
             )
             continue
+        if stage.rebuild is not None:  # v3: the lr its sweep chose, now that the sweep ran
+            for s in cfg.get("sweeps") or {}:
+                from grace_lightning.study.v3 import chosen_lr
+
+                if chosen_lr(cfg, s, write=True) is None and any(
+                    a.endswith(f"<chosen-by-sweep-{s}>") for a in stage.rebuild()
+                ):
+                    raise StageFailed(
+                        f"{tag}: sweep {s!r} has no finished run with a dev score; see "
+                        f"{Path(cfg.out_dir) / 'sweeps' / s}/*/train/stage.log"
+                    )
+            stage.argv = stage.rebuild()
         log.info("%s: running -> %s", tag, stage.log_file if stage.argv else stage.done_file)
         t0 = time.time()
         if stage.kind == "samples":
@@ -514,6 +625,10 @@ def run_study(cfg: DictConfig) -> str:
     rows = selected_rows(cfg)  # all rows unless `only` names some (+ the rows they start from)
     print("Study budget (minutes; eval from eval_minutes_estimate):")
     print("\n".join(budget_lines(cfg, rows)), flush=True)
+    if cfg.get("seeds"):  # v3: arms x seeds, sweeps and the estimated total
+        from grace_lightning.study.v3 import arms_lines
+
+        print("\n".join(arms_lines(cfg, rows)), flush=True)
     if not cfg.get("report_only"):
         run_stages(cfg, rows)
         if cfg.get("dry_run"):
