@@ -1,23 +1,36 @@
 """Train an LLM into a GRACE embedder.
 
 python train.py                                   # the quickstart: embedded SmolLM2, ~10 min on CPU
-python train.py experiment=quickstart_unsup       # the same, unsupervised (self-anchor)
+python train.py reward=unsup                      # the same, unsupervised (experiment=quickstart_unsup)
 python train.py experiment=none reward=unsup      # the group defaults (paper settings), 4 steps
-python train.py backbone=qwen reward=sup experiment=paper_sup trainer=gpu
-python train.py -m experiment=paper_sup,paper_unsup backbone=qwen trainer=gpu   # Hydra multirun
+python train.py backbone=qwen reward=sup          # the paper recipe on a GPU (experiment=paper_sup)
+python train.py -m backbone=qwen reward=sup,unsup   # Hydra multirun: paper_sup and paper_unsup
+
+Without experiment=, the preset follows backbone, reward and method (docs/presets.md): the command
+line is resolved here, before Hydra composes (grace_lightning/presets.py).
 """
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from grace_lightning.presets import HardwareError, PresetError, resolve_overrides
 from grace_lightning.train import metric_value, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except HardwareError as e:  # no GPU / not enough GPU memory: one line, no traceback
+        sys.exit(str(e))
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv[1:] = resolve_overrides(sys.argv[1:])  # experiment=auto -> the preset
+    except PresetError as e:
+        sys.exit(f"train.py: {e}")
     main()

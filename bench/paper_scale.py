@@ -29,28 +29,11 @@ What it does (not a test; run it by hand):
 4. **Predict** the peak of the full recipe on one 80 GB GPU for the four paper backbones, full
    fine-tuning vs LoRA, with and without gradient checkpointing, one GPU vs FSDP over 4 GPUs.
 
-The memory model (bytes per GPU; GiB = 2**30 bytes). P params, T trainable params (LoRA: the
-adapters), L layers, h hidden, V vocabulary, Lp/R prompt/response tokens, kv = 2 x L x kv_heads x
-head_dim x 2 B (bf16 K and V per token slot). Lightning's bf16-mixed runs autocast with
-cache_enabled=False, so no bf16 weight cache persists: each use of a weight casts it again.
-
-    peak    = static + max(rollout, update, optimiser step)
-    static  = 4 P (fp32 master weights) + 8 T (AdamW m, v)        (gradients are freed after
-              each step); FSDP over n GPUs: / n, plus the gathered root + 2 layers (fp32)
-    rollout = kv x slots + kv x 2 rows (Lp + R) / L (one layer's assembled keys/values)
-              + sample x rows x V (per-step logits, softmax, fp64 CDF) + 2 V h (LM head's bf16
-              cast); slots = prompts Lp + rows R with rollout.share_prompt_kv (rows (Lp + R) off);
-              the prefill of a sub-batch's prompts (prefill x analytic per-token) if larger
-    update  = 6 V h (tied LM-head/embedding grads, full FT) + const + the larger of
-              forward side: kappa x L x a_s x tokens (GC: L x 4 h x tokens + a_s x tokens)
-                          + L x w x passes (bf16 weight casts saved for backward; GC: one layer)
-                          + rows Lp kv (prompt K/V gathered per row) + lm x chunk x V + 8 h R rows
-                          (+ 4 T of earlier micro-batches' gradients when accumulating)
-              backward side: 4 T (fp32 grads) + grad_extra x T_layers (bf16 grad buffers)
-              a_s, w: per-layer saved bytes per token / weight casts (step 2, per backbone);
-              tokens = prompts Lp + rows R (shared-prompt pass) or rows (Lp + R) (GC, full seq)
-    optimiser step = 4 T (grads) + 4 T (CUDA foreach AdamW's sqrt(v) copy)
-Fitted on the CPU points: kappa (full, LoRA), grad_extra, lm, sample, prefill, two constants.
+The memory model (bytes per GPU) lives in ``grace_lightning/scale.py`` (its docstring has the
+formulas), so this bench and the startup memory check (``grace_lightning/presets.py``) use the
+same accounting: bf16 K and V, the padded rectangle the loss pass runs (``rl/update.py``
+``padded_tokens``, what ``algo.max_tokens_per_micro_batch`` counts). This script measures and
+fits it; the fitted coefficients are stored there (``DEFAULT_COEFFS``).
 """
 
 from __future__ import annotations
@@ -68,82 +51,61 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GIB = 1024**3
+sys.path.insert(0, str(ROOT))
+
+from grace_lightning.scale import (  # noqa: E402  (the model this bench measures and fits)
+    DEFAULT_COEFFS,
+    GIB,
+    LAYER_SAVED_DEFAULT,
+    SHAPES,
+    TINY,
+    Coeffs,
+    LayerSaved,
+    MicroShape,
+    Recipe,
+    Setting,
+    Shape,
+    forward_parts,
+    kv_slots,
+    largest_fitting,
+    lm_chunk_tokens,
+    micro_tokens,
+    predict_peak,
+    prefill_per_token,
+    rollout_parts,
+    static_parts,
+    step_parts,
+    subbatch_prompts,
+    update_parts,
+)
+
+__all__ = [  # re-exported: tests and scripts read the model through this module too
+    "DEFAULT_COEFFS",
+    "LAYER_SAVED_DEFAULT",
+    "SHAPES",
+    "TINY",
+    "Coeffs",
+    "LayerSaved",
+    "MicroShape",
+    "Recipe",
+    "Setting",
+    "Shape",
+    "forward_parts",
+    "kv_slots",
+    "largest_fitting",
+    "lm_chunk_tokens",
+    "micro_tokens",
+    "predict_peak",
+    "prefill_per_token",
+    "rollout_parts",
+    "static_parts",
+    "step_parts",
+    "subbatch_prompts",
+    "update_parts",
+]
 
 # glibc: tensors over 64 KiB get their own mmap, so freed memory leaves RSS at once
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
-
-
-# ---------------------------------------------------------------------------------- shapes
-@dataclass(frozen=True)
-class Shape:
-    """A decoder-only backbone's shape (from its config.json); counts are exact for the four."""
-
-    name: str
-    arch: str  # qwen2 | llama | qwen3 (transformers model type)
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    tied: bool = True
-    qkv_bias: bool = False  # Qwen2: bias on q/k/v
-    qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def layer_linear_params(self) -> int:
-        """Weights of one layer's seven projections (what autocast casts and LoRA adapts)."""
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        return h * q + 2 * h * kv + q * h + 3 * h * i
-
-    def layer_params(self) -> int:
-        bias = (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        norms = 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
-        return self.layer_linear_params() + bias + norms
-
-    def embed_params(self) -> int:
-        return self.vocab * self.hidden
-
-    def params(self, layers: int | None = None) -> int:
-        n = self.layers if layers is None else layers
-        head = 0 if self.tied else self.embed_params()
-        return self.embed_params() + head + n * self.layer_params() + self.hidden
-
-    def linear_params(self, layers: int | None = None) -> int:
-        """Params that go through an autocast-cast matmul: layer projections + the LM head."""
-        n = self.layers if layers is None else layers
-        return n * self.layer_linear_params() + self.embed_params()
-
-    def lora_params(self, r: int = 16, layers: int | None = None) -> int:
-        """LoRA A and B on q, k, v, o, gate, up, down: r x (in + out) each."""
-        n = self.layers if layers is None else layers
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        per = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h)
-        return n * r * per
-
-    def kv_bytes_per_token(self, layers: int | None = None, nbytes: int = 2) -> int:
-        n = self.layers if layers is None else layers
-        return 2 * n * self.kv_dim * nbytes
-
-
-SHAPES: dict[str, Shape] = {  # keys are the conf/backbone names
-    "qwen": Shape("Qwen2.5-1.5B", "qwen2", 151936, 1536, 28, 12, 2, 128, 8960, qkv_bias=True),
-    "qwen3b": Shape("Qwen2.5-3B", "qwen2", 151936, 2048, 36, 16, 2, 128, 11008, qkv_bias=True),
-    "llama": Shape("Llama-3.2-3B", "llama", 128256, 3072, 28, 24, 8, 128, 8192),
-    "qwen3": Shape("Qwen3-4B", "qwen3", 151936, 2560, 36, 32, 8, 128, 9728, qk_norm=True),
-}
-# a small stand-in for the --tiny smoke mode (same code path, seconds on a CPU)
-# (its vocabulary is the tokenizer's: the embedded SmolLM2 tokenizer drives every run here)
-TINY = Shape("tiny-qwen2", "qwen2", 49152, 64, 2, 4, 2, 16, 128, qkv_bias=True)
 
 
 def build_model(shape: Shape, layers: int | None = None, seed: int = 0):
@@ -346,6 +308,9 @@ class Point:
     roll_kv: int | None = None
     device: str = "cpu"
     tiny: bool = False
+    # EOS on: this fraction of the vocabulary ends a response (a random-init model never
+    # samples the one real EOS), so rows stop at mixed lengths; 0 = EOS off (rollout.ignore_eos)
+    eos_frac: float = 0.0
     label: str = ""
 
     @property
@@ -375,7 +340,8 @@ def compose(p: Point, data_path: str, out_dir: str):
         f"rollout.max_new_tokens={p.response_len}",
         "rollout.temperature=1.0",
         "rollout.anchor_temperature=0.5",
-        "rollout.ignore_eos=true",  # fixed shape: EOS off
+        # EOS off: fixed shapes; on (eos_frac > 0): mixed response lengths
+        f"rollout.ignore_eos={'false' if p.eos_frac > 0 else 'true'}",
         f"prompt.max_prompt_tokens={p.prompt_len}",
         f"trainer={'gpu' if gpu else 'cpu'}",
         "trainer.precision=bf16-mixed",  # the paper recipe: bf16 autocast, fp32 master weights
@@ -394,6 +360,8 @@ def compose(p: Point, data_path: str, out_dir: str):
     skipped = []
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = out_dir
+        if config_has(cfg, "algo.log_term_grad_norms_steps"):  # the steady-state update: no
+            cfg.algo.log_term_grad_norms_steps = 0  # per-term gradient copies (first steps only)
         for fld, key in OPTIONAL_KNOBS.items():
             value = getattr(p, fld)
             if value is None:
@@ -428,7 +396,10 @@ def run_point(p: Point) -> dict:
     def shaped_backbone(cfg, device=None):  # GraceModule's loader -> the shaped random model
         tok = load_tokenizer(BackboneConfig())
         model = build_model(shape, p.layers)
-        model.generation_config.eos_token_id = tok.eos_token_id
+        eos = [tok.eos_token_id]
+        if p.eos_frac > 0:  # every (1 / eos_frac)-th token id ends a response too
+            eos += list(range(3, shape.vocab, max(1, round(1 / p.eos_frac))))
+        model.generation_config.eos_token_id = eos
         model.generation_config.pad_token_id = tok.pad_token_id
         result["static_bytes"] = (rss_kb() - base) * 1024
         return model, tok
@@ -446,6 +417,7 @@ def run_point(p: Point) -> dict:
     except (ImportError, AttributeError):
         pass
     torch.optim.AdamW.step = peaks.wrap(torch.optim.AdamW.step, "optim_step", exclude=True)
+    observe_shapes(result)
     timer: dict[str, float] = {}
     for name in ("rollout", "update", "training_step"):
         fn = getattr(cls, name)
@@ -488,11 +460,50 @@ def run_point(p: Point) -> dict:
     return result
 
 
+def observe_shapes(result: dict) -> None:
+    """Record what ran, for the model's prediction of EOS-on points: per rollout sub-batch
+    (rows, prompts, longest prompt, the largest active rows x key length of a decode step) and
+    per loss-pass micro-batch its `MicroShape` (rows, prompts, longest prompt and response)."""
+    from grace_lightning.rl import update as update_mod
+    from grace_lightning.rollout import engine as engine_mod
+
+    rollout, micro = result.setdefault("rollout_shapes", []), result.setdefault("micro_shapes", [])
+    generate = engine_mod.HFRolloutEngine.generate
+
+    def observed_generate(self, prompt_ids, *args, **kwargs):
+        out = generate(self, prompt_ids, *args, **kwargs)
+        lengths = out.lengths.tolist()
+        row = 0
+        for pieces in self.last_plan:
+            n = sum(k for _, _, k in pieces)
+            lens = sorted(lengths[row : row + n], reverse=True)
+            row += n
+            lp = max(len(prompt_ids[q]) for q, _, _ in pieces)
+            # decode step t runs the rows with length > t against lp + t + 1 keys
+            transient = max(((i + 1) * (lp + t) for i, t in enumerate(lens)), default=0)
+            rollout.append([n, len({q for q, _, _ in pieces}), lp, transient])
+        return out
+
+    engine_mod.HFRolloutEngine.generate = observed_generate
+    plan = update_mod.PolicyUpdater.plan
+
+    def observed_plan(self, groups, costs):
+        out = plan(self, groups, costs)
+        for rows in out:
+            sel = costs[rows]  # (n, 3) prompt tokens, response tokens, prompt index
+            n, prompts = len(rows), len(set(sel[:, 2].tolist()))
+            micro.append([n, prompts, int(sel[:, 0].max()), int(sel[:, 1].max())])
+        return out
+
+    update_mod.PolicyUpdater.plan = observed_plan
+
+
 # --------------------------------------------------------------------------- measurement grid
 def default_grid() -> list[Point]:
     """The CPU points, one knob at a time. "base" is quick; "mid" (2 prompts x 8 rollouts x 64
     tokens) and "big" (4 x 8 x 64) have enough tokens for the activations and LM-head chunks to
-    show in the loss forward next to the 151,936 x 1536 embedding's gradients."""
+    show in the loss forward next to the 151,936 x 1536 embedding's gradients. Fitted on EOS-off
+    points (fixed shapes); held out on EOS-on points (mixed response lengths)."""
     base = Point(shape="qwen", layers=1, groups=2, k=4, prompt_len=96, response_len=32)
     mid = replace(base, k=8, response_len=64)
     big = replace(mid, groups=4)
@@ -508,11 +519,19 @@ def default_grid() -> list[Point]:
         replace(mid, micro_rows=4, label="mid, micro-batch 4 rows"),
         replace(base, roll_rows=4, label="rollout budget 4 rows"),
     ]
+    # held out: EOS on (2% of the vocabulary ends a row: responses of mixed lengths), so the
+    # micro-batches' padded rectangles and the rollout's shrinking batches are the observed ones;
+    # the token budgets are packed by the planner's padded count (rl/update.py padded_tokens)
+    eos = 0.02
     held_out = [
-        replace(mid, layers=2, micro_rows=8, label="held out: mid, layers 2, micro 8"),
-        replace(base, shape="llama", lora=True, label="held out: LoRA, Llama shape"),
+        replace(mid, layers=2, micro_rows=8, eos_frac=eos, label="mid, layers 2, micro 8, EOS"),
+        replace(base, shape="llama", lora=True, eos_frac=eos, label="LoRA, Llama shape, EOS"),
+        replace(big, micro_tokens=400, eos_frac=eos, label="big, 400-token budget, EOS"),
+        replace(mid, gc=True, micro_tokens=640, eos_frac=eos, label="mid, GC, 640 tokens, EOS"),
     ]
-    return [replace(p, label="fit: " + p.label) for p in fit] + held_out
+    return [replace(p, label="fit: " + p.label) for p in fit] + [
+        replace(p, label="held out: " + p.label) for p in held_out
+    ]
 
 
 def point_key(p: Point) -> str:
@@ -591,7 +610,7 @@ def layer_saved_bytes(
     """
     import torch
 
-    from grace_lightning.module import wrap_lora
+    from grace_lightning.models.lora import wrap_lora
 
     torch.manual_seed(0)
     model = build_model(replace(shape, vocab=256), layers=1)
@@ -632,319 +651,6 @@ def layer_saved_bytes(
     return {"per_token": per_token, "weights": sizes[0] - per_token * tokens[0]}
 
 
-# ------------------------------------------------------------------------------ memory model
-@dataclass(frozen=True)
-class Recipe:
-    """The rollout batch of one optimiser-step cycle, for the WHOLE job (paper_sup defaults)."""
-
-    prompts: int = 64  # data.prompts_per_step x GPUs (upstream train_batch_size)
-    k: int = 8  # rollout.num_generations
-    anchors: int = 2  # anchor rollouts per prompt (sup: the query + one hard negative)
-    prompt_len: int = 1024  # prompt.max_prompt_tokens (worst case: every prompt this long)
-    response_len: int = 2048  # rollout.max_new_tokens (EOS off: every response this long)
-    minibatch: int = 16  # groups per optimiser step (upstream ppo_mini_batch_size)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """How the step runs on each GPU."""
-
-    lora: bool = False
-    gc: bool = False  # model.gradient_checkpointing (the loss pass then runs full sequences)
-    devices: int = 1  # FSDP over this many GPUs (1: one GPU, no sharding)
-    lora_r: int = 16
-    share_prompt: bool = True  # algo.share_prompt (prompt once per group in the loss pass)
-    shared_prompt_kv: bool = True  # rollout.share_prompt_kv: a prompt's rows read one KV copy
-    foreach_adam: bool = True  # torch's CUDA default: sqrt(v) of every tensor at once in step
-    label: str = ""
-
-    def name(self) -> str:
-        parts = ["LoRA" if self.lora else "full FT", "GC" if self.gc else "no GC"]
-        parts.append(f"FSDP x{self.devices}" if self.devices > 1 else "1 GPU")
-        return ", ".join(parts)
-
-
-@dataclass
-class Coeffs:
-    """Fitted coefficients (defaults: this script's fit on a 2-core Xeon, see README)."""
-
-    kappa_full: float = 1.0  # measured / saved bytes of the layer activations, full FT
-    kappa_lora: float = 1.0  # same, LoRA
-    grad_extra: float = 4.0  # B per trainable layer param and pass: bf16 cast + its bf16 grad
-    lm: float = 20.0  # bytes per (token of one LM-head chunk x vocabulary entry), forward
-    lm_bwd: float = 30.0  # same, the chunk's recompute + gradient at the start of the backward
-    sample: float = 30.0  # bytes per (rollout row x vocabulary entry), per decode step
-    prefill: float = 1.0  # scale on the analytic no-grad prefill transient per prompt token
-    update_const: float = 0.0  # bytes (framework overhead seen in the update phase)
-    rollout_const: float = 0.0
-
-
-@dataclass(frozen=True)
-class LayerSaved:
-    """One layer's saved-for-backward bytes (``layer_saved_bytes``), full FT and LoRA."""
-
-    full_per_token: float
-    full_weights: float
-    lora_per_token: float
-    lora_weights: float
-
-    def per_token(self, lora: bool) -> float:
-        return self.lora_per_token if lora else self.full_per_token
-
-    def weights(self, lora: bool) -> float:
-        return self.lora_weights if lora else self.full_weights
-
-
-def lm_chunk_tokens(vocab: int) -> int | None:
-    """Response tokens per LM-head chunk in the loss pass (rl/policy.py); None = unchunked."""
-    try:
-        from grace_lightning.rl.policy import LOGITS_CHUNK_BYTES
-    except ImportError:
-        return None
-    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
-
-
-def prefill_per_token(s: Shape) -> float:
-    """No-grad transient of one layer per prompt token (bf16 compute, fp32 residual), bytes:
-    residual + norm in/out (fp32), q/k/v/attention out (bf16), gate/up/act (bf16), plus the
-    engine's fp32 copy of the last hidden state and its masked copy (pooling)."""
-    return (
-        3 * 4 * s.hidden + 2 * (2 * s.q_dim + 2 * s.kv_dim) + 3 * 2 * s.intermediate + 8 * s.hidden
-    )
-
-
-def static_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
-    """Memory that lives through the whole step (bytes per GPU)."""
-    p = s.params(layers)
-    t = s.lora_params(st.lora_r, layers) if st.lora else p
-    n = st.devices
-    parts = {"weights": 4 * p / n, "adam": 8 * t / n}
-    if n > 1:  # gathered FSDP units: the root (embeddings, tied LM head) + 2 layers (prefetch)
-        parts["fsdp_gathered"] = 4 * (s.embed_params() + 2 * s.layer_params())
-    return parts
-
-
-def rollout_parts(
-    s: Shape,
-    layers: int,
-    st: Setting,
-    rows: int,
-    prompts: int,
-    prompt_len: int,
-    response_len: int,
-    c: Coeffs,
-    lay: LayerSaved,
-) -> dict[str, float]:
-    """Dynamic rollout memory for ``rows`` rows of ``prompts`` distinct prompts in flight."""
-    kv_tok = s.kv_bytes_per_token(layers)
-    kv = kv_tok * kv_slots(rows, prompts, prompt_len, response_len, st)
-    # one layer's dense (rows, heads, prompt + response, d) keys and values at a time:
-    # SegmentedCache assembles them per layer (index_select + cat); DynamicCache's cat copies
-    kv += 2 * kv_tok / layers * rows * (prompt_len + response_len)
-    decode = kv + c.sample * rows * s.vocab
-    prefill = prompts * prompt_len * (kv_tok + c.prefill * prefill_per_token(s))
-    parts = {
-        "kv+sampling" if decode >= prefill else "prefill": max(decode, prefill),
-        # Lightning's autocast has no weight cache: the LM head's bf16 cast at each decode step
-        "lm_head_cast": 2 * s.embed_params(),
-        "const": c.rollout_const,
-    }
-    return parts
-
-
-def kv_slots(rows: int, prompts: int, prompt_len: int, response_len: int, st: Setting) -> int:
-    """Cached token positions per layer of a rollout sub-batch at its largest (rollout/budget.py,
-    the shared system prefix counted once per prompt: a slight over-count)."""
-    if st.shared_prompt_kv:
-        return prompts * prompt_len + rows * response_len
-    return rows * (prompt_len + response_len)
-
-
-def micro_tokens(rows: int, k: int, prompt_len: int, response_len: int, st: Setting):
-    """(tokens through the layers, response tokens, prompts) of a micro-batch of ``rows``."""
-    if st.gc or not st.share_prompt:  # full sequences: every row carries its prompt
-        return rows * (prompt_len + response_len), rows * response_len, rows
-    prompts = math.ceil(rows / k)  # whole groups share one prompt pass; a split group runs it
-    return prompts * prompt_len + rows * response_len, rows * response_len, prompts
-
-
-def forward_parts(
-    s: Shape,
-    layers: int,
-    st: Setting,
-    rows: int,
-    k: int,
-    prompt_len: int,
-    response_len: int,
-    c: Coeffs,
-    lay: LayerSaved,
-    vocab_chunk: int | None,
-    backward: bool = False,
-) -> dict[str, float]:
-    """What one micro-batch's loss forward keeps for its backward, plus the LM-head chunk's
-    transient: in the forward, or (``backward``) recomputed with its gradient as the backward
-    starts (bytes per GPU)."""
-    tokens, resp, _ = micro_tokens(rows, k, prompt_len, response_len, st)
-    kappa = c.kappa_lora if st.lora else c.kappa_full
-    a = lay.per_token(st.lora)
-    if st.gc:  # layer inputs (fp32 residual) kept; the backward recomputes one layer at a time
-        act = kappa * (layers * 4 * s.hidden * tokens + (a * tokens if backward else 0.0))
-    else:
-        act = kappa * layers * a * tokens
-    chunk = resp if vocab_chunk is None else min(resp, vocab_chunk)
-    parts = {
-        "activations": act,
-        # chunk logits (+ their gradient in the backward) + the response hidden states + the
-        # LM head's bf16 weight cast (no autocast cache: made again for every chunk)
-        "lm_head": (c.lm_bwd if backward else c.lm) * chunk * s.vocab
-        + 8 * s.hidden * resp
-        + 2 * s.embed_params(),
-    }
-    if not st.gc and st.share_prompt:  # each row's gathered prompt K/V, saved by attention
-        parts["kv_gather"] = rows * prompt_len * s.kv_bytes_per_token(layers)
-    # bf16 casts of every layer's weights, saved for the input gradient, once per pass (prompt
-    # pass + response pass on the shared-prompt path); with GC one layer's at a time
-    passes = 2 if st.share_prompt and not st.gc else 1
-    parts["weight_copies"] = lay.weights(st.lora) * (1 if st.gc else layers * passes)
-    return parts
-
-
-def update_parts(
-    s: Shape,
-    layers: int,
-    st: Setting,
-    rows: int,
-    k: int,
-    prompt_len: int,
-    response_len: int,
-    c: Coeffs,
-    lay: LayerSaved,
-    vocab_chunk: int | None,
-    accumulating: bool = False,
-) -> dict[str, float]:
-    """Peak of one micro-batch's forward + backward (bytes per GPU): the larger of
-    - the end of the forward / start of the backward: what the forward kept (+ the gradients of
-      earlier micro-batches when ``accumulating``), and
-    - the end of the backward: activations freed, fp32 gradients + bf16 gradient buffers."""
-    t = s.lora_params(st.lora_r, layers) if st.lora else s.params(layers)
-    grads = 4 * t / st.devices
-    t_layers = t - (0 if st.lora else s.embed_params())  # trainable params inside the layers
-    # per pass: the saved bf16 weight casts and their bf16 gradients, alive until each layer's
-    # backward converts them into fp32 grads (GC: one layer at a time)
-    passes = 2 if st.share_prompt and not st.gc else 1
-    extra = c.grad_extra * (t_layers / layers if st.gc else passes * t_layers) / st.devices
-    # earlier micro-batches' gradients (the tied embedding's are already in tied_grad)
-    earlier = 4 * t_layers / st.devices if accumulating else 0.0
-    fwd = forward_parts(
-        s, layers, st, rows, k, prompt_len, response_len, c, lay, vocab_chunk, backward=True
-    )
-    parts = {"const": c.update_const}
-    if not st.lora:  # tied embeddings: LM-head and embedding gradients meet (+ bf16 cast grad)
-        parts["tied_grad"] = 6 * s.embed_params()
-    if sum(fwd.values()) + earlier >= grads + extra + earlier:
-        parts.update(fwd)
-        if accumulating:
-            parts["grads"] = earlier
-    else:  # accumulating: the new fp32 grads exist next to the accumulated ones for a moment
-        parts.update({"grads": grads + earlier, "grad_extra": extra})
-    return parts
-
-
-def step_parts(s: Shape, layers: int, st: Setting) -> dict[str, float]:
-    """The optimiser step: gradients + (CUDA foreach AdamW) one more fp32 copy while it runs."""
-    t = s.lora_params(st.lora_r, layers) if st.lora else s.params(layers)
-    parts = {"grads": 4 * t / st.devices}
-    if st.foreach_adam:
-        parts["adam_temp"] = 4 * t / st.devices
-    return parts
-
-
-def subbatch_prompts(rows: int, policy_prompts: int, k: int, anchor_prompts: int) -> int:
-    """Distinct prompts in the worst sub-batch of ``rows`` rows (most prompts per row): as many
-    one-row anchor prompts as fit, the rest whole policy groups of ``k`` rows."""
-    anchors = min(rows, anchor_prompts)
-    return anchors + min(policy_prompts, math.ceil((rows - anchors) / k))
-
-
-def predict_peak(
-    s: Shape,
-    st: Setting,
-    recipe: Recipe,
-    c: Coeffs,
-    lay: LayerSaved,
-    micro_rows: int | None = None,
-    rollout_rows: int | None = None,
-    layers: int | None = None,
-) -> dict:
-    """Peak bytes per GPU of one rollout batch of ``recipe`` in steady state (not the first)."""
-    n = layers or s.layers
-    g = recipe.prompts // st.devices  # policy prompts per GPU
-    all_rows = g * (recipe.k + recipe.anchors)
-    r = min(rollout_rows or all_rows, all_rows)
-    mb_rows = recipe.minibatch // st.devices * recipe.k
-    m = min(micro_rows or mb_rows, mb_rows)
-    static = static_parts(s, n, st)
-    base = sum(static.values())
-    prompts = subbatch_prompts(r, g, recipe.k, g * recipe.anchors)
-    ro = rollout_parts(
-        s,
-        n,
-        st,
-        r,
-        prompts,
-        recipe.prompt_len,
-        recipe.response_len,
-        c,
-        lay,
-    )
-    up = update_parts(
-        s,
-        n,
-        st,
-        m,
-        recipe.k,
-        recipe.prompt_len,
-        recipe.response_len,
-        c,
-        lay,
-        lm_chunk_tokens(s.vocab),
-        accumulating=m < mb_rows,
-    )
-    sp = step_parts(s, n, st)
-    phases = {
-        "rollout": base + sum(ro.values()),
-        "update": base + sum(up.values()),
-        "optim_step": base + sum(sp.values()),
-    }
-    worst = max(phases, key=phases.get)
-    return {
-        "peak": phases[worst],
-        "phase": worst,
-        "phases": phases,
-        "static": static,
-        "rollout": ro,
-        "update": up,
-        "step": sp,
-        "micro_rows": m,
-        "rollout_rows": r,
-        "kv_slots": kv_slots(r, prompts, recipe.prompt_len, recipe.response_len, st),
-    }
-
-
-def largest_fitting(fn, hi: int, cap: float) -> int:
-    """The largest x in [1, hi] with fn(x) <= cap (fn non-decreasing); 0 if none."""
-    if fn(1) > cap:
-        return 0
-    lo = 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fn(mid) <= cap:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 # ------------------------------------------------------------------------------------ fitting
 def point_shape(p: Point) -> Shape:
     return TINY if p.tiny else SHAPES[p.shape]
@@ -954,40 +660,51 @@ def trainable_params(s: Shape, layers: int, lora: bool, r: int = 16) -> int:
     return s.lora_params(r, layers) if lora else s.params(layers)
 
 
-def predict_measured(p: Point, c: Coeffs, lay: LayerSaved, skipped=()) -> dict[str, float]:
+def predict_measured(
+    p: Point, c: Coeffs, lay: LayerSaved, skipped=(), observed: dict | None = None
+) -> dict[str, float]:
     """What ``run_point`` measures for ``p`` (the FIRST rollout batch on CPU), per phase, bytes
     above the RSS at the phase's start: no gradients or AdamW state exist before the first step,
-    (Lightning's autocast runs with cache_enabled=False: no bf16 weight cache persists)."""
+    (Lightning's autocast runs with cache_enabled=False: no bf16 weight cache persists).
+
+    observed: the point's result with the shapes that ran (``observe_shapes``): with EOS on,
+    rows end early, so the micro-batches' padded rectangles and the rollout's per-step keys are
+    the observed ones; without it every response runs ``response_len`` tokens."""
     s, st, n = point_shape(p), Setting(lora=p.lora, gc=p.gc), p.layers
-    all_rows = p.groups * (p.k + 2)
-    roll = None if OPTIONAL_KNOBS["roll_rows"] in skipped else p.roll_rows
-    r = min(roll or all_rows, all_rows)
-    ro = rollout_parts(
-        s,
-        n,
-        st,
-        r,
-        subbatch_prompts(r, p.groups, p.k, 2 * p.groups),
-        p.prompt_len,
-        p.response_len,
-        c,
-        lay,
-    )
-    micro = None if OPTIONAL_KNOBS["micro_rows"] in skipped else p.micro_rows
+    observed = observed or {}
+    vocab_chunk = lm_chunk_tokens(s.vocab)
+    if observed.get("rollout_shapes"):
+        subs = [
+            rollout_parts(s, n, st, rows, prompts, lp, p.response_len, c, lay, transient)
+            for rows, prompts, lp, transient in observed["rollout_shapes"]
+        ]
+    else:
+        all_rows = p.groups * (p.k + 2)
+        roll = None if OPTIONAL_KNOBS["roll_rows"] in skipped else p.roll_rows
+        r = min(roll or all_rows, all_rows)
+        prompts = subbatch_prompts(r, p.groups, p.k, 2 * p.groups)
+        subs = [rollout_parts(s, n, st, r, prompts, p.prompt_len, p.response_len, c, lay)]
     mb_rows = p.mb_groups * p.k
-    m = min(micro or mb_rows, mb_rows)
-    args = (s, n, st, m, p.k, p.prompt_len, p.response_len, c, lay, lm_chunk_tokens(s.vocab))
-    up = update_parts(*args, accumulating=m < mb_rows)
-    forward = sum(forward_parts(*args).values())
+    if observed.get("micro_shapes"):
+        micros = [MicroShape(*m) for m in observed["micro_shapes"]]
+    else:
+        micro = None if OPTIONAL_KNOBS["micro_rows"] in skipped else p.micro_rows
+        m = min(micro or mb_rows, mb_rows)
+        micros = [MicroShape.worst(m, p.k, p.prompt_len, p.response_len)]
+    ups = [
+        update_parts(s, n, st, m, c, lay, vocab_chunk, accumulating=m.rows < mb_rows)
+        for m in micros
+    ]
+    forward = max(sum(forward_parts(s, n, st, m, c, lay, vocab_chunk).values()) for m in micros)
     t = trainable_params(s, n, p.lora)
-    update = sum(up.values())
+    update = max(sum(up.values()) for up in ups)
     if p.groups > p.mb_groups:  # later mini-batches find the AdamW state of the first step
         update += 8 * t
     biggest = 16 * max(s.intermediate, s.q_dim, s.hidden) if p.lora else s.embed_params()
     # CPU AdamW (single-tensor): state created at the first step + sqrt(v) and its scaled copy
     step = 8 * t + 2 * 4 * biggest
     return {
-        "rollout": sum(ro.values()),
+        "rollout": max(sum(ro.values()) for ro in subs),
         "update": update,
         "optim_step": step,
         "loss_forward": forward,
@@ -1030,7 +747,7 @@ def fit_coeffs(results: list[dict], lays: dict[str, LayerSaved], prior: Coeffs |
         for r in results:
             p = Point(**r["point"])
             pred = predict_measured(
-                p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ())
+                p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ()), r
             )
             for phase in FIT_PHASES:
                 if phase in r["peaks"]:
@@ -1071,7 +788,7 @@ def fit_report(results: list[dict], c: Coeffs, lays: dict[str, LayerSaved]) -> l
     for r in results:
         p = Point(**r["point"])
         pred = predict_measured(
-            p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ())
+            p, c, lays[p.shape if not p.tiny else "tiny"], r.get("skipped_knobs", ()), r
         )
         row = {"label": p.label, "held_out": not p.label.startswith("fit:")}
         for phase in REPORT_PHASES:
@@ -1132,7 +849,6 @@ def paper_table(c: Coeffs, lays: dict[str, LayerSaved], recipe: Recipe, cap: flo
 
 
 def print_paper_table(rows: list[dict], recipe: Recipe, cap: float) -> None:
-    seq = recipe.prompt_len + recipe.response_len
     print(
         f"\npaper_sup per GPU: {recipe.prompts} prompts x {recipe.k} rollouts + {recipe.anchors} "
         f"anchors each, prompts {recipe.prompt_len} + responses {recipe.response_len} tokens "
@@ -1152,14 +868,18 @@ def print_paper_table(rows: list[dict], recipe: Recipe, cap: float) -> None:
         roll = f"{r['rollout']}/{r['all_rows']}"
         print(
             f"{r['backbone']:13s} {r['setting']:24s} {gib(a['peak']):>10s} {a['phase']:>10s} "
-            f"{micro:>10s} {r['micro'] * seq:>9d} {roll:>12s} {b['kv_slots']:>9d} "
+            f"{micro:>10s} {b['micro_tokens'] if r['micro'] else 0:>9d} {roll:>12s} "
+            f"{b['kv_slots']:>9d} "
             f"{gib(b['peak']):>6s} {b['phase']:>10s} {'yes' if r['fits'] else 'NO'}"
         )
     print(
         "as written: one micro-batch per mini-batch and the whole rollout batch at once. micro rows"
         " / rollout rows: the largest algo.micro_batch_size and rollout row budget that fit (of"
-        " the mini-batch / rollout batch per GPU), tokens = rows x (prompt + response) (verl's"
-        " ppo_max_token_len_per_gpu, the KV-token budget); peak: with both. GiB = 2**30 bytes."
+        " the mini-batch / rollout batch per GPU); tokens = the padded rectangle the loss pass"
+        " runs (groups x prompt + rows x response on the shared-prompt pass, rows x (prompt +"
+        " response) with GC): the algo.max_tokens_per_micro_batch that gives those rows; KV tok ="
+        " rollout.max_kv_tokens that gives those rows; peak: with both. K and V cached in bf16."
+        " GiB = 2**30 bytes."
     )
 
 
@@ -1191,28 +911,6 @@ def print_fit_report(rows: list[dict]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------- drivers
-# layer_saved_bytes() on this project's CPU (torch 2.13, transformers 5.24): --predict-only uses
-# these; a measuring run recomputes them (seconds)
-LAYER_SAVED_DEFAULT: dict[str, LayerSaved] = {  # bytes: full per token, weights; LoRA same
-    "qwen": LayerSaved(119864, 93597696, 158996, 88471552),
-    "qwen3b": LayerSaved(151624, 154157056, 199972, 145129472),
-    "llama": LayerSaved(162920, 201351168, 202052, 171323392),
-    "qwen3": LayerSaved(196904, 201872384, 240132, 171994112),
-}
-# this script's fit (python bench/paper_scale.py, 2-core Xeon, Nov 2026); --predict-only / --gpu
-DEFAULT_COEFFS = Coeffs(
-    kappa_full=1,
-    kappa_lora=1.308,
-    grad_extra=4.478,
-    lm=8.072,
-    lm_bwd=10.3,
-    sample=17.55,
-    prefill=0.3365,
-    update_const=0.387 * GIB,
-    rollout_const=0.022 * GIB,
-)
-
-
 def layer_table(keys, cache: Path | None = None) -> dict[str, LayerSaved]:
     """``layer_saved_bytes`` for each shape key (and "tiny"), cached in ``cache`` (JSON)."""
     stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
@@ -1451,7 +1149,7 @@ def main():
     fsdp = Recipe()
     print(
         f"(FSDP x4 rows: {fsdp.prompts // 4} prompts and {fsdp.minibatch // 4} groups per "
-        "mini-batch on each GPU; data.prompts_per_step is per device)"
+        "mini-batch on each GPU: data.prompts_per_step and algo.prompts_per_minibatch are global)"
     )
 
 

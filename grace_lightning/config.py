@@ -9,10 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    pass
-
+from grace_lightning.errors import ConfigError  # noqa: F401  (re-exported: the name callers know)
+from grace_lightning.presets import experiment_choice
 
 # Numeric knobs and their type: "int", "float" (an int is fine), "?" suffix = null allowed.
 # Keys that are absent from the composed config are not checked (e.g. algo keys of other
@@ -30,6 +28,11 @@ NUMERIC_KEYS: dict[str, str] = {
     "rollout.max_new_tokens": "int",
     "rollout.top_p": "float",
     "rollout.top_k": "int",
+    "rollout.vllm.gpu_memory_utilization": "float",
+    "rollout.vllm.kv_cache_gb": "int",
+    "rollout.vllm.max_model_len": "int?",
+    "rollout.vllm.tis_cap": "float?",
+    "rollout.vllm.score_rows": "int?",
     "reward.tau": "float",
     "reward.lambda_consistency": "float",
     "reward.lambda_hard": "float",
@@ -44,6 +47,8 @@ NUMERIC_KEYS: dict[str, str] = {
     "algo.max_tokens_per_micro_batch": "int?",
     "algo.contrastive_weight": "float",
     "algo.contrastive_tau": "float",
+    "algo.pg_weight": "float",
+    "algo.log_term_grad_norms_steps": "int",
     "reward.overlong_buffer": "int?",
     "reward.overlong_penalty_factor": "float",
     "data.prompts_per_step": "int",
@@ -69,13 +74,19 @@ NUMERIC_KEYS: dict[str, str] = {
 }
 BOOL_KEYS = (
     "rollout.ignore_eos",
+    "rollout.vllm.enforce_eager",
+    "rollout.vllm.enable_prefix_caching",
+    "rollout.vllm.sleep",
     "algo.share_prompt",
     "algo.dynamic_sampling",
     "algo.contrastive_in_batch",
     "optim.master_weights_fp32",
     "model.gradient_checkpointing",
     "trainer.enable_progress_bar",
+    "trainer.strategy.activation_checkpointing",
     "trainer.deterministic",
+    "allow_cpu",
+    "memory_check",
 )
 
 
@@ -116,18 +127,6 @@ def check_types(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.betas: expected two numbers like [0.9, 0.999], got {shown!r}")
 
 
-def experiment_choice(cfg: DictConfig) -> str | None:
-    """The ``experiment=`` option the config was composed with (None when unknown, e.g. a config
-    built by hand): from the composed ``hydra`` node, else from the running Hydra app."""
-    choice = OmegaConf.select(cfg, "hydra.runtime.choices.experiment", default=None)
-    if choice is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            choice = HydraConfig.get().runtime.choices.get("experiment")
-    return choice
-
-
 # The quickstart presets are GRACE recipes whose keys are applied after every group (an
 # experiment comes last in conf/train.yaml's defaults), so they would silently replace a
 # contrastive method's learning rate or run the unsupervised reward with supervised settings.
@@ -135,8 +134,22 @@ QUICKSTART_FOR = {"quickstart": "sup", "quickstart_unsup": "unsup"}
 
 
 def check_preset(cfg: DictConfig, experiment: str | None) -> None:
-    """``python train.py method=infonce`` or ``reward=unsup`` on top of the default quickstart
-    preset: fail with the command that does what was meant."""
+    """``method=infonce`` or ``reward=unsup`` on top of a quickstart preset: fail with the command
+    that does what was meant. ``experiment=auto`` composed without train.py (which resolves it,
+    grace_lightning/presets.py) is the quickstart: a paper backbone there is refused too."""
+    if experiment == "auto":
+        from grace_lightning.presets import preset_for
+
+        method = str(OmegaConf.select(cfg, "model.objective", default=None) or "grace")
+        meant = preset_for(str(cfg.backbone.name), str(cfg.reward.mode), method)
+        if meant != "quickstart":
+            raise ConfigError(
+                f"experiment=auto was composed without train.py, so it is the quickstart; "
+                f"backbone={cfg.backbone.name} reward={cfg.reward.mode} method={method} means "
+                f"experiment={meant}: add it to the overrides (or pass them through "
+                f"grace_lightning.presets.resolve_overrides)"
+            )
+        experiment = "quickstart"
     if experiment not in QUICKSTART_FOR:
         return
     target = str((cfg.get("model") or {}).get("_target_", ""))
@@ -180,10 +193,115 @@ def check_push_to_hub(cfg: DictConfig) -> None:
         )
 
 
+def check_rollout_engine(cfg: DictConfig) -> None:
+    """rollout.engine is hf or vllm; vllm's knobs are in range and vLLM is importable."""
+    r = cfg.rollout
+    engine = r.get("engine", "hf")
+    if engine not in ("hf", "vllm"):
+        raise ConfigError(
+            f"rollout.engine={engine!r}: use hf (built-in sampler) or vllm (colocated vLLM, "
+            f"pip install -e '.[vllm]' on GPUs, see docs/vllm.md for CPUs)"
+        )
+    if engine != "vllm":
+        return
+    v = r.get("vllm") or {}
+    util = v.get("gpu_memory_utilization", 0.3)
+    if not 0 < util <= 1:
+        raise ConfigError(
+            f"rollout.vllm.gpu_memory_utilization={util}: the fraction of GPU memory vLLM may "
+            f"take (weights + KV cache), in (0, 1]; the trainer needs the rest (TRL colocate: 0.3)"
+        )
+    cap = v.get("tis_cap")
+    if cap is not None and cap < 1:
+        raise ConfigError(
+            f"rollout.vllm.tis_cap={cap}: the truncated importance-sampling cap must be >= 1 "
+            f"(TRL/verl use 2), or null to turn the correction off"
+        )
+    if v.get("dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(
+            f"rollout.vllm.dtype={v.get('dtype')!r}: use bfloat16, float16 or float32"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or the CPU install "
+            "in docs/vllm.md; or set rollout.engine=hf"
+        )
+
+
+def check_fsdp_activation_checkpointing(cfg: DictConfig) -> None:
+    """FSDP's activation checkpointing re-runs each decoder layer's forward in backward; on the
+    shared-prompt loss pass that forward appends the prompt's K/V to the cache a second time
+    (a shape error in backward). The full-sequence pass (``algo.share_prompt=false``) has no
+    cache."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if not isinstance(strategy, DictConfig) or not strategy.get("activation_checkpointing"):
+        return
+    if OmegaConf.select(cfg, "algo.share_prompt", default=False):
+        raise ConfigError(
+            "trainer.strategy.activation_checkpointing=true with algo.share_prompt=true: the "
+            "recomputed layer forwards would append the shared prompt's K/V to the loss pass's "
+            "cache again. Set algo.share_prompt=false (prompt + response in one pass, what "
+            "gradient checkpointing needs) or trainer.strategy.activation_checkpointing=false."
+        )
+
+
+def check_global_batch(cfg: DictConfig) -> None:
+    """``data.prompts_per_step`` and ``algo.prompts_per_minibatch`` are GLOBAL (verl's
+    train_batch_size / ppo_mini_batch_size): each of the world's ranks takes 1/world of each, so
+    both must divide by the world size (trainer.devices x trainer.num_nodes)."""
+    from grace_lightning.presets import world_size
+
+    world = world_size(cfg)
+    if not world or world == 1:
+        return
+    t = cfg.trainer
+    where = f"trainer.devices={t.devices} x trainer.num_nodes={t.get('num_nodes', 1)} = {world}"
+    keys = ["data.prompts_per_step", "algo.prompts_per_minibatch"]
+    if str(OmegaConf.select(cfg, "model._target_", default="")).endswith("ContrastiveModule"):
+        keys.remove("algo.prompts_per_minibatch")  # infonce/simcse: no PPO mini-batches
+    for key in keys:
+        value = int(OmegaConf.select(cfg, key))
+        if value % world:
+            near = sorted({m for m in (value // world * world, (value // world + 1) * world) if m})
+            raise ConfigError(
+                f"{key}={value} is global (all ranks together) and {where} ranks must split it "
+                f"evenly: set {key} to a multiple of {world} (e.g. "
+                f"{' or '.join(map(str, near))}), or change the number of devices"
+            )
+
+
+# optional dependencies: module -> the pip extra that installs it (pyproject.toml)
+EXTRAS = {"wandb": "wandb", "peft": "lora", "matplotlib": "study"}
+
+
+def require_extra(module: str, option: str) -> None:
+    """Stop with the install command when ``option`` needs ``module`` and it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        extra = EXTRAS[module]
+        raise ConfigError(
+            f"{option} needs `{module}`, an optional dependency: "
+            f"pip install 'grace-lightning[{extra}]' (or pip install {module})"
+        )
+
+
+def check_extras(cfg: DictConfig) -> None:
+    """logger=wandb needs the ``wandb`` extra, peft=lora the ``lora`` extra."""
+    loggers = cfg.get("logger") or {}
+    targets = [str((c or {}).get("_target_", "")) for c in loggers.values()]
+    if any("wandb" in t.lower() for t in targets):
+        require_extra("wandb", "logger=wandb")
+    if cfg.get("peft"):
+        require_extra("peft", "peft=lora")
+
+
 def validate(cfg: DictConfig) -> None:
     check_types(cfg)
+    check_fsdp_activation_checkpointing(cfg)
     check_preset(cfg, experiment_choice(cfg))
     check_push_to_hub(cfg)
+    check_extras(cfg)  # an option whose optional dependency is missing: the pip extra to install
     r, a, rw, d = cfg.rollout, cfg.algo, cfg.reward, cfg.data
     k = r.num_generations
     if rw.mode not in ("sup", "unsup"):
@@ -202,11 +320,13 @@ def validate(cfg: DictConfig) -> None:
             f"whole groups. Set algo.prompts_per_minibatch to a divisor of {d.prompts_per_step} "
             f"(upstream: 64 prompts per rollout batch, 16 per mini-batch)."
         )
+    check_global_batch(cfg)
     for name in ("temperature", "anchor_temperature"):
         if r[name] <= 0:
             raise ConfigError(f"rollout.{name}={r[name]}: temperatures must be > 0")
     if r.max_new_tokens < 1:
         raise ConfigError("rollout.max_new_tokens must be >= 1")
+    check_rollout_engine(cfg)
     if rw.tau <= 0:
         raise ConfigError(f"reward.tau={rw.tau}: the reward temperature must be > 0 (upstream 0.1)")
     if a.get("advantage", "grpo") not in ("grpo", "rloo", "reinforce_pp", "remax"):
@@ -233,4 +353,4 @@ def validate(cfg: DictConfig) -> None:
         # the update loop's own checks (micro-batch sizes, token budgets), when it has them
         update = importlib.import_module("grace_lightning.rl.update")
         if hasattr(update, "validate_update_config"):
-            update.validate_update_config(cfg)
+            update.validate_update_config(cfg, ConfigError)

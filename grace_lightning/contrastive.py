@@ -13,7 +13,9 @@ The embedding is GRACE's Base mode, with gradient: the chat template with the sa
 and the text as the user turn, mean-pooled over the last-layer hidden states after the system
 prompt (text + assistant header). Evaluate a model trained here with ``eval.py mode=base``.
 
-Negatives come from the batch on each device; nothing is gathered across ranks.
+Batch: ``data.prompts_per_step`` texts a step over ALL ranks (global, as GRACE's rollout batch);
+each rank trains on ``prompts_per_step / world_size`` of them (the datamodule splits it), and its
+negatives come from that per-rank batch; nothing is gathered across ranks.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grace_lightning.callbacks.export import save_policy
-from grace_lightning.config import ConfigError
 from grace_lightning.embedding import masked_mean_pool
+from grace_lightning.errors import ConfigError
+from grace_lightning.export.policy import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rollout.engine import left_pad, pooling_mask, positions_from_mask
@@ -129,7 +131,7 @@ class ContrastiveModule(L.LightningModule):
             if self.peft_cfg:
                 self.policy.enable_input_require_grads()  # frozen embeddings: let grads reach LoRA
         if self.peft_cfg:
-            from grace_lightning.module import wrap_lora
+            from grace_lightning.models.lora import wrap_lora
 
             self.policy = wrap_lora(self.policy, self.peft_cfg)
         self.prompter = training_prompter(

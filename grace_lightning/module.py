@@ -1,6 +1,7 @@
 """GraceModule: the GRACE policy-gradient step as a LightningModule.
 
-One ``training_step`` is one rollout batch (``data.prompts_per_step`` policy prompts):
+One ``training_step`` is one rollout batch (``data.prompts_per_step`` policy prompts over all
+ranks, ``prompts_per_step / world_size`` on each; ``algo.prompts_per_minibatch`` is global too):
 
     rollout -> embed -> reward -> advantage -> update (several optimiser steps, PPO-clip)
 
@@ -29,8 +30,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from grace_lightning.callbacks.export import save_policy
+from grace_lightning.export.policy import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
+from grace_lightning.models.lora import wrap_lora
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rl import advantages as adv_fns
 from grace_lightning.rl import rewards as reward_fns
@@ -91,6 +93,22 @@ class GraceModule(L.LightningModule):
             max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
             progress_every=rollout.get("progress_every", 16),
         )
+        if rollout.get("engine", "hf") == "vllm":  # colocated vLLM (rollout/vllm_engine.py)
+            from grace_lightning.rollout.vllm_engine import VLLMRolloutEngine, vllm_model_path
+
+            self.engine = VLLMRolloutEngine(
+                self.policy,
+                self.tokenizer,
+                vllm_model_path(self.backbone_cfg, self.policy, self.tokenizer),
+                max_new_tokens=rollout["max_new_tokens"],
+                top_p=rollout.get("top_p", 1.0),
+                top_k=rollout.get("top_k", 0),
+                ignore_eos=rollout.get("ignore_eos", False),
+                max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
+                vllm=rollout.get("vllm"),
+            )
+        self._synced_step: int | None = None  # global_step whose weights the engine holds
+        self.last_weight_sync_s = 0.0
         self.ref_policy = None
         if algo.get("beta", 0.0) > 0 and not self.peft_cfg:
             self.ref_policy = (
@@ -155,7 +173,10 @@ class GraceModule(L.LightningModule):
 
         t0 = time.perf_counter()
         rollouts, anchors = self.rollout(batch)  # (B*K rows), anchor embeddings
-        timings["time/rollout"] = time.perf_counter() - t0
+        timings["time/rollout"] = time.perf_counter() - t0  # incl. weight sync + scoring (vLLM)
+        if hasattr(self.engine, "sync_weights"):
+            timings["time/weight_sync"] = self.last_weight_sync_s
+            timings["time/rollout_scoring"] = self.engine.last_score_s
 
         t0 = time.perf_counter()
         b = len(rollouts.prompt_ids)
@@ -202,7 +223,13 @@ class GraceModule(L.LightningModule):
         # only with the joint loss on: subclasses that override update(ro, adv, weight) (e.g.
         # tests/probes.py) keep working with the paper's objective
         kw = {"joint": joint} if joint is not None else {}
-        metrics.update(self.update(rollouts, advantages.reshape(-1), loss_weight.reshape(-1), **kw))
+        sampler, tis = self.sampler_terms(rollouts)  # rollout.engine=vllm: mismatch, TIS
+        metrics.update(sampler)
+        adv = advantages.reshape(-1)  # (N,)
+        if tis is not None:  # per-token weight >= 0 folded into the advantage: (N, R)
+            with autocast_off():
+                adv = adv.float()[:, None] * tis
+        metrics.update(self.update(rollouts, adv, loss_weight.reshape(-1), **kw))
         timings["time/update"] = time.perf_counter() - t0
         metrics.update(timings)
         metrics["skipped_steps"] = float(self.skipped_steps)
@@ -266,6 +293,7 @@ class GraceModule(L.LightningModule):
             text_seed(self._step_seed(), f"{role}\0{text}")
             for role, text in zip(roles, list(texts) + anchor_texts + greedy)
         ]
+        self.last_weight_sync_s = self._sync_engine()
         with self._eval_mode():
             out = self.engine.generate(
                 prompts, counts, temps, self.prompter.system_len, seeds=seeds
@@ -286,6 +314,28 @@ class GraceModule(L.LightningModule):
         else:
             anchors["anchor"] = anchor_emb
         return policy, anchors
+
+    def _sync_engine(self) -> float:
+        """An engine with its own copy of the weights (vLLM) gets the policy's current ones
+        when an optimiser step changed them since its last copy; -> seconds (0: no sync)."""
+        if not hasattr(self.engine, "sync_weights") or self._synced_step == self.global_step:
+            return 0.0
+        fsdp = getattr(self.trainer.strategy, "model", None) if self._trainer else None
+        seconds = self.engine.sync_weights(fsdp_root=fsdp)
+        self._synced_step = int(self.global_step)
+        return seconds
+
+    def sampler_terms(self, ro: RolloutBatch) -> tuple[dict[str, float], torch.Tensor | None]:
+        """vLLM vs trainer log-prob mismatch metrics and, with ``rollout.vllm.tis_cap``, the
+        truncated importance-sampling weights (N, R) for the policy rows (None: off)."""
+        if ro.sampler_logprobs is None:
+            return {}, None
+        from grace_lightning.rollout.vllm_engine import sampler_metrics, tis_weights
+
+        cap = (self.rollout_cfg.get("vllm") or {}).get("tis_cap")
+        m = sampler_metrics(ro.logprobs, ro.sampler_logprobs, ro.response_mask, cap)
+        w = tis_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask, cap) if cap else None
+        return m, w
 
     @property
     def _remax(self) -> bool:
@@ -417,10 +467,22 @@ class GraceModule(L.LightningModule):
     ) -> dict:
         """PPO-clip over mini-batches of whole groups, micro-batched: ``rl/update.py``
         (plus ``joint``'s alpha * InfoNCE when set)."""
-        cfg = UpdateConfig.from_cfg(self.algo_cfg, self.rollout_cfg, self.optim_cfg)
-        updater = PolicyUpdater(cfg, self.policy, self.update_hooks(), reference=self._reference)
+        cfg = UpdateConfig.from_cfg(self._rank_algo_cfg(), self.rollout_cfg, self.optim_cfg)
+        updater = PolicyUpdater(
+            cfg,
+            self.policy,
+            self.update_hooks(),
+            reference=self._reference,
+            first_step=int(self.global_step),  # grad_norm/{pg,joint} on the run's first steps
+        )
         out = updater.update(ro, advantages, loss_weight, joint=joint)
         self.skipped_steps += updater.skipped
+        # grad_norm/{pg,joint} exist on the first steps only: straight to the loggers, since
+        # self.log would repeat their last value on every later step
+        terms = {k: out.pop(k) for k in [k for k in out if k.startswith("grad_norm/")]}
+        if terms:
+            for logger in self.loggers:
+                logger.log_metrics(terms, step=self.global_step)
         out["lr"] = self.optimizers().param_groups[0]["lr"]
         return out
 
@@ -469,10 +531,19 @@ class GraceModule(L.LightningModule):
             return x[None]
         return self.all_gather(x.to(self.device)).to(x.device)
 
+    def _rank_algo_cfg(self) -> dict:
+        """``algo`` with this rank's share of the GLOBAL ``prompts_per_minibatch`` (verl's
+        ppo_mini_batch_size): every rank steps on prompts_per_minibatch / world_size of its
+        groups, so one optimiser step sees prompts_per_minibatch groups over all ranks."""
+        world = max(1, int(self.trainer.world_size)) if self._trainer is not None else 1
+        a = dict(self.algo_cfg)
+        a["prompts_per_minibatch"] = max(1, int(a["prompts_per_minibatch"]) // world)
+        return a
+
     def _skip_rollout_batch(self, b: int) -> int:
         """Skip every optimiser step of this rollout batch (non-finite rewards); -> steps."""
         opt = self.optimizers()
-        steps = math.ceil(b / self.algo_cfg["prompts_per_minibatch"]) * self.algo_cfg.get(
+        steps = math.ceil(b / self._rank_algo_cfg()["prompts_per_minibatch"]) * self.algo_cfg.get(
             "num_iterations", 1
         )
         for _ in range(steps):
@@ -584,6 +655,7 @@ class GraceModule(L.LightningModule):
                 )
 
     def _steps_per_rollout(self) -> int:
+        # global prompts / global mini-batch = per-rank prompts / per-rank mini-batch
         b = self.trainer.datamodule.prompts_per_step if self.trainer.datamodule else 1
         return math.ceil(b / self.algo_cfg["prompts_per_minibatch"]) * self.algo_cfg.get(
             "num_iterations", 1
@@ -608,21 +680,6 @@ class GraceModule(L.LightningModule):
         return save_policy(self.policy, self.tokenizer, directory, meta, bool(self.peft_cfg))
 
 
-def wrap_lora(model, cfg: dict):
-    """Wrap the policy with LoRA adapters (PEFT)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=cfg.get("r", 16),
-        lora_alpha=cfg.get("lora_alpha", 32),
-        lora_dropout=cfg.get("lora_dropout", 0.05),
-        target_modules=list(cfg["target_modules"]),
-        bias=cfg.get("bias", "none"),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
-
-
 def _select_rows(out: RolloutBatch, rows: torch.Tensor, num_prompts: int) -> RolloutBatch:
     """The first ``num_prompts`` prompts' rows (the policy rows) of a rollout batch."""
     return RolloutBatch(
@@ -635,6 +692,7 @@ def _select_rows(out: RolloutBatch, rows: torch.Tensor, num_prompts: int) -> Rol
         temperatures=out.temperatures[rows],
         logprobs=None if out.logprobs is None else out.logprobs[rows],
         pooled=None if out.pooled is None else out.pooled[rows],
+        sampler_logprobs=None if out.sampler_logprobs is None else out.sampler_logprobs[rows],
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -12,11 +11,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from grace_lightning import quiet_known_noise
 from grace_lightning.config import validate
 from grace_lightning.models.backbone import BackboneConfig, load_tokenizer
+from grace_lightning.presets import check_hardware
 from grace_lightning.prompts import ChatPrompter
-from grace_lightning.utils.resume import persist_wandb_id
+from grace_lightning.utils.resume import persist_wandb_id, resolve_ckpt_path
 from grace_lightning.utils.slurm import hand_requeue_signal_to_lightning
+from grace_lightning.utils.wandb import finish_wandb_run, hydra_choices
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +57,25 @@ def length_cache_key(cfg: DictConfig, tokenizer) -> str:
     )
 
 
+def with_time_budget_bar(callbacks: list[Any], enabled: bool) -> list[Any]:
+    """Lightning's default bar -> `TimeBudgetProgressBar` (its ETA follows ``max_time``), unless
+    the bar is off or a progress bar callback is already given."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from grace_lightning.callbacks.progress import TimeBudgetProgressBar
+
+    if not enabled or any(isinstance(c, ProgressBar) for c in callbacks):
+        return callbacks
+    return [*callbacks, TimeBudgetProgressBar()]
+
+
 def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> L.Trainer:
     """``cfg.trainer`` -> ``L.Trainer``; plugins whose factory returned None (e.g. the SLURM
     environment off SLURM) are dropped, as is the LR monitor when there is no logger."""
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     plugins = [hydra.utils.instantiate(p) for p in tcfg.pop("plugins", None) or []]
     plugins = [p for p in plugins if p is not None]
+    callbacks = with_time_budget_bar(callbacks, tcfg.get("enable_progress_bar", True))
     return hydra.utils.instantiate(
         tcfg,
         callbacks=drop_lr_monitor_without_logger(callbacks, loggers),
@@ -69,20 +84,22 @@ def build_trainer(cfg: DictConfig, callbacks: list[Any], loggers: list[Any]) -> 
     )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """``last``: the newest of this run dir's ``checkpoints/last.ckpt`` and the
-    ``hpc_ckpt_<n>.ckpt`` Lightning saves on the SLURM requeue signal; a fresh start if none."""
-    if ckpt_path != "last":
-        return ckpt_path
-    run_dir = Path(output_dir)
-    found = [p for p in [run_dir / "checkpoints" / "last.ckpt"] if p.exists()]
-    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    found += hpc[-1:]
-    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
-
-
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """One training job. The W&B run it opened is finished when it returns or raises (failed:
+    exit code 1), so each Hydra multirun job and each sweep-agent run is its own W&B run."""
+    try:
+        result = _train(cfg)
+    except BaseException:
+        finish_wandb_run(exit_code=1)
+        raise
+    finish_wandb_run()
+    return result
+
+
+def _train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    quiet_known_noise()  # third-party messages that are no concern of the user's (first screen)
     validate(cfg)
+    check_hardware(cfg)  # no GPU for a GPU recipe / a recipe the GPU cannot hold: stop now
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -100,8 +117,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer = build_trainer(cfg, callbacks, loggers)
     hparams = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
     hparams = OmegaConf.to_container(OmegaConf.create(hparams), resolve=True)
-    for lg in loggers:
-        lg.log_hyperparams(hparams)
+    for lg in loggers:  # W&B: under `cfg` and `choices`, clear of a sweep's parameters
+        if hasattr(lg, "log_config"):
+            lg.log_config(hparams, hydra_choices(cfg))
+        else:
+            lg.log_hyperparams(hparams)
 
     hand_requeue_signal_to_lightning(trainer)  # SLURM: USR2 -> save hpc_ckpt + requeue
     trainer.fit(

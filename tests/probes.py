@@ -2,7 +2,8 @@
 
 - ``model._target_=tests.probes.RecordingGraceModule`` with ``GRACE_PROBE_DIR=<dir>``: every rank
   writes, per rollout batch, the policy texts, rationales, reward terms and advantages it
-  trained on (``rank<r>_step<s>.pt``), and its final weights (``rank<r>_final.pt``).
+  trained on (``rank<r>_step<s>.pt``), and its final weights (``rank<r>_final.pt``);
+  ``tests.probes.MiniBatchRecordingModule`` adds the groups of each of the rank's mini-batches.
 - ``+callbacks.stall._target_=tests.probes.StallAt +callbacks.stall.step=<n>
   +callbacks.stall.marker=<file>``: once a rollout batch has reached global step n (its table
   rows written, its checkpoint NOT yet: checkpoint callbacks run last), touch ``marker`` and
@@ -55,6 +56,27 @@ class RecordingGraceModule(GraceModule):
     def on_train_end(self):
         weights = {n: p.detach().cpu() for n, p in self.policy.named_parameters()}
         torch.save(weights, self._probe_dir() / f"rank{self.global_rank}_final.pt")
+
+
+class MiniBatchRecordingModule(RecordingGraceModule):
+    """RecordingGraceModule + ``minibatch_groups``: the number of groups in each of this rank's
+    mini-batches (one optimiser step each) of the rollout batch."""
+
+    def update(self, ro, advantages, loss_weight):
+        from grace_lightning.rl import update as update_mod
+
+        sizes = self._record.setdefault("minibatch_groups", [])
+        original = update_mod.PolicyUpdater.step
+
+        def step(updater, ro_, groups, *args, **kwargs):
+            sizes.append(len(groups))
+            return original(updater, ro_, groups, *args, **kwargs)
+
+        update_mod.PolicyUpdater.step = step
+        try:
+            return super().update(ro, advantages, loss_weight)
+        finally:
+            update_mod.PolicyUpdater.step = original
 
 
 class StallAt(L.Callback):

@@ -57,6 +57,13 @@ def test_every_group_of_the_readme_has_options():
 @pytest.mark.parametrize("group, option", OPTIONS, ids=lambda x: str(x))
 def test_every_option_composes_and_validates_on_its_own(group, option, tmp_path):
     cfg = make_cfg([override(group, option)], tmp_path)
+    if group == "trainer" and cfg.trainer.devices > 2:
+        # batch sizes are global: the CPU defaults' 2 prompts a mini-batch cannot split over the
+        # 4 GPUs of trainer=ddp|fsdp (config.check_global_batch refuses it, naming the key)
+        with pytest.raises(ConfigError, match="algo.prompts_per_minibatch=2 is global"):
+            validate(cfg)
+        overrides = ["data.prompts_per_step=8", "algo.prompts_per_minibatch=4"]
+        cfg = make_cfg([override(group, option), *overrides], tmp_path)
     validate(cfg)
     if group == "trainer":
         t = cfg.trainer

@@ -630,6 +630,7 @@ def test_store_backed_batches_follow_the_rank_sharded_order(tmp_path, world):
     examples = [f"q{i}" for i in range(5, 50)]  # the first 10 % (5) are validation
     for rank in range(world):
         dm = _sup_dm(tmp_path, rank=rank, world_size=world, seed=7)
+        dm.prompts_per_step = 2 * world  # global: 2 a rank
         dm.load()
         got = [q for b in dm.train_dataloader() for q in b["query"]]
         order = ResumableSampler(examples, seed=7, rank=rank, world_size=world).order()

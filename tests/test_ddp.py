@@ -1,7 +1,7 @@
 """Two-process CPU DDP (gloo) equals one process on the same global batch.
 
-DDP: ``trainer=ddp_cpu`` (2 ranks x 2 prompts per rollout batch, 1 group per optimiser step
-per rank). One process: 4 prompts per rollout batch, 2 groups per optimiser step. Both see the
+DDP: ``trainer=ddp_cpu`` with the same GLOBAL batch sizes as one process (4 prompts per rollout
+batch, 2 groups per optimiser step: 2 prompts and 1 group on each of the 2 ranks). Both see the
 same global batches (the sampler shards whole examples by rank), and since rollouts are seeded by
 (seed, step, role, text) rather than by rank, the same rationales. The hard (cross-group) term
 and ``algo.scale_rewards=batch`` only agree if they use the gathered global batch, and the
@@ -70,7 +70,7 @@ def by_text(records: list[dict], k: int) -> dict[str, dict]:
 def test_two_process_ddp_equals_one_process_on_the_same_global_batch(tmp_path):
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_train(
-        ["trainer=ddp_cpu", "data.prompts_per_step=2", "algo.prompts_per_minibatch=1"]
+        ["trainer=ddp_cpu", "data.prompts_per_step=4", "algo.prompts_per_minibatch=2"]
         + ["logger=csv"],
         ddp / "probe",
         ddp / "run",
@@ -171,8 +171,8 @@ def test_zero_token_dapo_minibatch_under_ddp_leaves_weights_finite(tmp_path):
             "trainer.max_steps=2",
             "reward.truncation=mask",
             "rollout.max_new_tokens=4",  # the tiny random model never stops: all truncated
-            "data.prompts_per_step=2",
-            "algo.prompts_per_minibatch=2",
+            "data.prompts_per_step=4",  # global: 2 a rank
+            "algo.prompts_per_minibatch=4",  # global: one optimiser step a rollout batch
             "algo.loss_type=dapo",
             "algo.scale_rewards=none",
             "logger=csv",

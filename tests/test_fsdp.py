@@ -152,7 +152,9 @@ def test_fsdp_on_cpu_shards_per_layer_trains_like_one_process_and_exports(tmp_pa
 def test_fsdp_configs_build_the_grace_strategy(trainer, tmp_path):
     from grace_lightning.utils.fsdp import GraceFSDPStrategy
 
-    cfg = make_cfg([f"trainer={trainer}", "backbone=tiny"], tmp_path)
+    # batch sizes are global: 4 GPUs (trainer=fsdp) split 8 prompts, 4 a mini-batch
+    sizes = ["data.prompts_per_step=8", "algo.prompts_per_minibatch=4"]
+    cfg = make_cfg([f"trainer={trainer}", "backbone=tiny", *sizes], tmp_path)
     validate(cfg)
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, GraceFSDPStrategy)
@@ -183,8 +185,8 @@ GRACE_CLI = [
     "data=shared",
     f"data.root={DATA_ROOT}",
     "data.max_examples=64",
-    "data.prompts_per_step=2",
-    "algo.prompts_per_minibatch=1",
+    "data.prompts_per_step=4",  # global: 2 a rank
+    "algo.prompts_per_minibatch=2",  # global: 1 group a rank an optimiser step
     "algo.micro_batch_size=1",  # 3 backward passes per optimiser step: accumulation
     "rollout.num_generations=3",
     "rollout.max_new_tokens=6",
@@ -256,3 +258,198 @@ def test_multi_process_resume_from_last_continues_as_the_uninterrupted_run(train
     want = AutoModelForCausalLM.from_pretrained(tmp_path / "ref" / "export").state_dict()
     for key in want:  # optimizer state restored too: the second batch's update is the same
         torch.testing.assert_close(got[key], want[key], atol=2e-6, rtol=0, msg=key)
+
+
+def test_strategy_setup_puts_every_parameter_and_buffer_on_the_root_device(monkeypatch):
+    """The parts FSDP leaves out (``ignored_states``: embeddings = tied LM head, final norm,
+    a reference copy's) are on the root device after the strategy's set-up, with every other
+    parameter and buffer, and tied weights stay tied.
+
+    On GPUs FSDP moves what it manages to ``device_id`` and nothing moves the ignored parts
+    (Lightning's ``model_to_device`` is a no-op under FSDP): they stayed on the CPU. Here the
+    root device is ``meta`` (this machine has no GPU, and the CPU is where the model starts),
+    and FSDP is replaced by what it does about placement: move every parameter and buffer but
+    ``ignored_states`` to the root device, and return the module (wrapping and sharding are
+    FSDP's, run for real by the gloo tests above).
+    """
+    import lightning as L
+    import torch.distributed.fsdp as torch_fsdp
+
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+    from grace_lightning.utils.fsdp import GraceFSDPStrategy
+
+    root = torch.device("meta")
+
+    class PlacingFSDP:
+        def __new__(cls, module, ignored_states=(), **kwargs):
+            ignored = {id(p) for p in ignored_states}
+            for sub in module.modules():
+                for p in sub.parameters(recurse=False):
+                    if id(p) not in ignored and p.device != root:
+                        moved = torch.nn.Parameter(p.to(root), requires_grad=p.requires_grad)
+                        torch.utils.swap_tensors(p, moved)
+                for name, buf in sub.named_buffers(recurse=False):
+                    sub._buffers[name] = buf.to(root)
+            return module
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.policy, _ = load_backbone(BackboneConfig(name="tiny", source="tiny"))
+            self.ref_policy, _ = load_backbone(BackboneConfig(name="tiny", source="tiny"))
+            self.ref_policy.requires_grad_(False)  # algo.beta > 0: a frozen reference copy
+
+    monkeypatch.setattr(torch_fsdp, "FullyShardedDataParallel", PlacingFSDP)
+    monkeypatch.setattr(GraceFSDPStrategy, "root_device", property(lambda self: root))
+    strategy = GraceFSDPStrategy()
+    module = LM()
+    assert module.policy.lm_head.weight is module.policy.model.embed_tokens.weight
+    wrapped = strategy._setup_model(module)
+
+    tensors = [*wrapped.named_parameters(remove_duplicate=False), *wrapped.named_buffers()]
+    elsewhere = [name for name, t in tensors if t.device != root]
+    assert not elsewhere, f"not on the root device after set-up: {elsewhere}"
+    assert any(name.endswith("rotary_emb.inv_freq") for name, _ in tensors)
+    assert len(strategy.replicated) == 4  # 2 x (embeddings = LM head, final norm)
+    own = {id(p) for p in wrapped.parameters()}
+    assert all(id(p) in own for p in strategy.replicated)  # moved in place, not replaced
+    assert wrapped.policy.lm_head.weight is wrapped.policy.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_fsdp_reduces_gradients_and_keeps_buffers_in_fp32(precision, tmp_path):
+    """trainer=fsdp's ``precision: bf16-mixed`` reaches FSDP as bf16 compute with fp32
+    gradient reduction and fp32 buffers (verl's default); Lightning's own config for it reduces
+    in bf16."""
+    from lightning.fabric.plugins.precision.fsdp import FSDPPrecision
+    from torch.distributed.fsdp import MixedPrecision
+
+    from grace_lightning.train import build_trainer
+    from grace_lightning.utils.fsdp import GraceFSDPStrategy
+
+    cfg = make_cfg(
+        ["trainer=fsdp_cpu", f"trainer.precision={precision}", "backbone=tiny"], tmp_path
+    )
+    validate(cfg)
+    trainer = build_trainer(cfg, [], [])
+    built = trainer.strategy.mixed_precision_config
+    compute = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+    assert built.param_dtype == compute
+    assert built.reduce_dtype == torch.float32 and built.buffer_dtype == torch.float32
+    # layer units cast their inputs (fp32 embeddings' output) to bf16 compute
+    assert built.cast_forward_inputs == (precision == "bf16-mixed")
+    assert FSDPPrecision(precision).mixed_precision_config.reduce_dtype == compute  # Lightning's
+
+    explicit = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    assert GraceFSDPStrategy(mixed_precision=explicit).mixed_precision_config is explicit
+
+
+def test_activation_checkpointing_with_the_shared_prompt_pass_is_refused_at_config_time(
+    tmp_path, tiny_backbone
+):
+    """FSDP's activation checkpointing recomputes each layer in backward; on the shared-prompt
+    loss pass that forward appends the prompt's K/V to the cache again and backward fails
+    (shown below on the tiny model with the checkpoint wrapper Lightning applies). The config
+    refuses the pair and names both keys; with ``algo.share_prompt=false`` it validates and the
+    full-sequence pass gives the gradient of an unwrapped model."""
+    import copy
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from grace_lightning.config import ConfigError
+    from grace_lightning.rl.policy import response_logprobs
+
+    base = ["trainer=fsdp_cpu", "backbone=tiny", "trainer.strategy.activation_checkpointing=true"]
+    with pytest.raises(ConfigError) as err:
+        validate(make_cfg(base, tmp_path))
+    assert "trainer.strategy.activation_checkpointing=true" in str(err.value)
+    assert "algo.share_prompt=false" in str(err.value)
+    validate(make_cfg([*base, "algo.share_prompt=false"], tmp_path))
+    validate(make_cfg(["trainer=fsdp_cpu", "backbone=tiny"], tmp_path))  # AC off: shared prompt
+
+    plain = copy.deepcopy(tiny_backbone[0]).train()
+    wrapped = copy.deepcopy(plain)
+    apply_activation_checkpointing(
+        wrapped,
+        checkpoint_wrapper_fn=partial(
+            checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT
+        ),
+        check_fn=lambda m: isinstance(m, LlamaDecoderLayer),
+    )
+    g = torch.Generator().manual_seed(0)
+    prompts, responses = (
+        torch.randint(5, 400, (2, 7), generator=g),
+        torch.randint(5, 400, (4, 5), generator=g),
+    )
+    args = (
+        prompts,
+        torch.ones_like(prompts),
+        responses,
+        torch.ones_like(responses),
+        torch.tensor([0, 0, 1, 1]),
+    )
+
+    def grads(model, share_prompt):
+        model.zero_grad()
+        logp, _ = response_logprobs(model, *args, share_prompt=share_prompt)
+        logp.sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    with pytest.raises(RuntimeError):  # the refused pair (lift the refusal if this passes)
+        grads(wrapped, share_prompt=True)
+    for got, want in zip(grads(wrapped, False), grads(plain, False)):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+EARLY_LAYER_FORWARD = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist, lightning as L
+    from grace_lightning.models.backbone import BackboneConfig, load_backbone
+    from grace_lightning.utils.fsdp import GraceFSDPStrategy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=sys.argv[1], rank=0, world_size=1)
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.policy, _ = load_backbone(BackboneConfig(name="tiny", source="tiny"))
+
+        def forward(self, ids):
+            return self.policy(input_ids=ids).logits
+
+    GraceFSDPStrategy.root_device = property(lambda self: torch.device("cpu"))
+    root = GraceFSDPStrategy()._setup_model(LM())
+    ids = torch.arange(5, 17)[None]
+    with torch.no_grad():
+        early = root.module.policy(input_ids=ids).logits  # layer units, no root forward yet
+        late = root(ids)  # the root's first forward
+    assert torch.equal(early, late)
+    print("ok")
+    """
+)
+
+
+def test_layer_units_run_before_the_roots_first_forward(tmp_path):
+    """The dev evaluation at train start (``dev=default``, ``at_start: true``) runs the policy's
+    layers before Lightning's first root forward. FSDP marks its root lazily, so each layer
+    unit then marked itself root and the root's first forward asserted ("Non-root FSDP
+    instance's `_is_root` should not have been set yet"); the strategy marks the root at set-up."""
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_LAYER_FORWARD)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    proc = subprocess.run(
+        [sys.executable, str(script), init],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

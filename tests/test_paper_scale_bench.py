@@ -191,3 +191,110 @@ def test_layer_saved_bytes_counts_bf16_weight_casts_and_grows_with_tokens():
     saved = ps.layer_saved_bytes(ps.TINY, lora=False)
     assert saved["weights"] == pytest.approx(2 * ps.TINY.layer_linear_params(), rel=0.05)
     assert saved["per_token"] > 10 * ps.TINY.hidden
+
+
+# ----------------------------------------------------------- grace_lightning/scale.py (shared)
+def test_the_model_counts_the_planners_padded_rectangle():
+    """One accounting: scale.MicroShape's tokens are rl/update.py's padded_tokens (what
+    algo.max_tokens_per_micro_batch bounds) for any micro-batch of a mixed-length batch."""
+    from grace_lightning import scale
+    from grace_lightning.rl.update import padded_tokens, row_costs
+
+    g = torch.Generator().manual_seed(0)
+    prompts, k = 5, 4
+    prompt_mask = (torch.rand(prompts, 40, generator=g) < 0.7).long()  # (P, Lp)
+    row_to_prompt = torch.arange(prompts).repeat_interleave(k)  # (N,)
+    lengths = torch.randint(1, 30, (prompts * k,), generator=g)
+    response_mask = (torch.arange(30)[None] < lengths[:, None]).long()  # (N, R)
+    costs = row_costs(prompt_mask, row_to_prompt, response_mask)
+    for _ in range(20):
+        rows = torch.randperm(prompts * k, generator=g)[: int(torch.randint(1, 12, (1,)))]
+        rows = rows.tolist()
+        m = scale.MicroShape(
+            rows=len(rows),
+            prompts=len(set(row_to_prompt[rows].tolist())),
+            prompt_len=int(prompt_mask[row_to_prompt[rows]].sum(-1).max()),
+            response_len=int(lengths[rows].max()),
+        )
+        for shared in (True, False):
+            assert m.tokens(shared) == padded_tokens(rows, costs, shared)
+            st = scale.Setting(share_prompt=shared)
+            assert scale.micro_tokens(m, st)[0] == padded_tokens(rows, costs, shared)
+
+
+def test_bench_uses_the_package_model():
+    from grace_lightning import scale
+
+    assert ps.predict_peak is scale.predict_peak and ps.SHAPES is scale.SHAPES
+    assert ps.DEFAULT_COEFFS is scale.DEFAULT_COEFFS
+
+
+def _paper_cfg(*overrides):
+    from tests.test_train import make_cfg
+
+    return make_cfg(["backbone=qwen", *overrides], preset="paper_sup")
+
+
+def test_predict_config_peak_reads_the_composed_recipe():
+    from grace_lightning import scale
+
+    cfg = _paper_cfg()
+    recipe, st, micro, roll = scale.config_recipe(cfg, world=1)
+    assert recipe == scale.Recipe(
+        prompts=int(cfg.data.prompts_per_step),
+        k=int(cfg.rollout.num_generations),
+        anchors=2,
+        prompt_len=int(cfg.prompt.max_prompt_tokens),
+        response_len=int(cfg.rollout.max_new_tokens),
+        minibatch=int(cfg.algo.prompts_per_minibatch),
+    )
+    assert st.gc == bool(cfg.model.gradient_checkpointing) and not st.lora
+    # the token budget gives the rows whose padded rectangle fits it (GC: full sequences)
+    budget = int(cfg.algo.max_tokens_per_micro_batch)
+    seq = recipe.prompt_len + recipe.response_len
+    assert micro == budget // seq
+    assert roll == cfg.rollout.max_rows_per_batch
+    want = scale.predict_peak(scale.SHAPES["qwen"], st, recipe, micro_rows=micro, rollout_rows=roll)
+    assert scale.predict_config_peak(cfg, 1) == want["peak"]
+    # LoRA and FSDP over 4 GPUs lower it; DDP over 4 keeps the weights and AdamW whole (and
+    # the micro-batch and rollout sub-batch budgets bind as on one GPU: the same peak)
+    lora = scale.predict_config_peak(_paper_cfg("peft=lora"), 1)
+    fsdp = scale.predict_config_peak(_paper_cfg("trainer=fsdp", "trainer.devices=4"), 4)
+    ddp = scale.predict_config_peak(_paper_cfg("trainer=ddp", "trainer.devices=4"), 4)
+    assert lora < want["peak"] and fsdp < ddp <= want["peak"]
+    assert scale.predict_config_peak(_paper_cfg("trainer.precision=32"), 1) is None
+
+
+def test_fits_qwen3_full_fine_tuning_only_with_help():
+    from grace_lightning import scale
+
+    h100 = 80e9
+    assert not scale.fits("qwen3", scale.Recipe(), scale.Setting(gc=True), h100, micro_rows=1)
+    lora = scale.Setting(gc=True, lora=True)
+    assert scale.fits("qwen3", scale.Recipe(), lora, h100, micro_rows=8, rollout_rows=64)
+    est = scale.estimate("qwen", scale.Recipe(), scale.Setting(gc=True))
+    assert est["peak"] == max(est["rollout"], est["update"], est["optim_step"])
+
+
+def test_unknown_shape_scales_the_measured_layer():
+    from grace_lightning import scale
+
+    q = scale.SHAPES["qwen"]
+    assert scale.layer_saved_for(q) is scale.LAYER_SAVED_DEFAULT["qwen"]
+    wider = replace(q, name="wider", hidden=2 * q.hidden)
+    lay = scale.layer_saved_for(wider)
+    assert lay.full_per_token > scale.LAYER_SAVED_DEFAULT["qwen"].full_per_token
+
+
+def test_term_gradient_norms_cost_a_gradient_copy_per_term_on_the_first_steps():
+    """algo.log_term_grad_norms_steps > 0 with the joint loss on copies each loss term's gradient
+    (fp32, every trainable parameter) for its norm on the first steps: the startup check counts
+    them. With the policy gradient alone (the paper recipe) nothing extra runs, nor is counted."""
+    from grace_lightning import scale
+
+    t = scale.SHAPES["qwen"].params()
+    for joint in ("algo.contrastive_weight=0.0", "algo.contrastive_weight=0.5"):
+        off = scale.predict_config_peak(_paper_cfg("algo.log_term_grad_norms_steps=0", joint), 1)
+        on = scale.predict_config_peak(_paper_cfg("algo.log_term_grad_norms_steps=8", joint), 1)
+        want = 0 if joint.endswith("0.0") else 4 * t * 3  # pg + joint copies + one in flight
+        assert on - off == pytest.approx(want, rel=1e-6), joint

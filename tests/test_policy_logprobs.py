@@ -222,3 +222,29 @@ def test_peak_memory_does_not_grow_with_rows_times_vocab():
     large = _peak_fwd_bwd(model, rows=8, length=32, chunk_tokens=16)
     assert large < 0.5 * logits_bytes(256), (large, logits_bytes(256))
     assert large - small < 0.05 * (logits_bytes(256) - logits_bytes(64)), (small, large)
+
+
+def test_one_token_responses_run_the_same_two_forwards(tiny_backbone):
+    """A micro-batch whose responses are all one token still runs the response pass (on a masked
+    dummy token): under sharded FSDP a rank that skipped it would issue one forward (one set of
+    all-gathers) fewer than a rank with longer rows, and the collectives would pair wrongly."""
+    model, _ = tiny_backbone
+    prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt, temps = _batch(
+        model.config.vocab_size, R=1
+    )
+    calls = []
+    hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            ref, _ = _naive(
+                model, prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt, temps
+            )
+            calls.clear()
+            logp, _ = response_logprobs(
+                model, prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt, temps
+            )
+    finally:
+        hook.remove()
+    assert logp.shape == (len(response_ids), 1)
+    torch.testing.assert_close(logp, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2  # prompt pass + response pass, as for longer responses

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from grace_lightning.config import ConfigError, validate
 
@@ -21,7 +22,12 @@ def test_python_train_py_is_the_quickstart_preset(tmp_path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF, version_base="1.3"):
         bare = compose("train", overrides=[], return_hydra_config=True)
-    assert bare.hydra.runtime.choices.experiment == "quickstart"
+    # experiment=auto (train.py leaves a bare command line as it is) is the quickstart job
+    assert bare.hydra.runtime.choices.experiment == "auto"
+    with initialize_config_dir(CONF, version_base="1.3"):
+        named = compose("train", overrides=["experiment=quickstart"])
+        auto = compose("train", overrides=[])
+    assert OmegaConf.to_container(auto) == OmegaConf.to_container(named)
     cfg = make_cfg([], tmp_path, preset="quickstart")
     validate(cfg)
     # the study's best recipe on the embedded model, ~10 minutes of 2 cores, scored on dev data

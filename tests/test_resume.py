@@ -24,7 +24,12 @@ from omegaconf import OmegaConf
 from grace_lightning.utils.atomic import stale_temps, temp_name
 from grace_lightning.utils.checkpoint_io import AtomicCheckpointIO
 from grace_lightning.utils.csv_logger import SafeCSVLogger
-from grace_lightning.utils.resume import orphans_path, persist_wandb_id, trim_table
+from grace_lightning.utils.resume import (
+    orphans_path,
+    persist_wandb_id,
+    resolve_ckpt_path,
+    trim_table,
+)
 
 from .conftest import DATA_ROOT, ROOT
 
@@ -155,11 +160,11 @@ CLI = [
 ]
 
 
-def start(run_dir: Path, extra: list[str]) -> subprocess.Popen:
+def start(run_dir: Path, extra: list[str], cli: list[str] = CLI) -> subprocess.Popen:
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")  # noqa: SIM115 (closed by the OS)
     return subprocess.Popen(
-        [sys.executable, "train.py", *CLI, *extra, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "train.py", *cli, *extra, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -247,6 +252,83 @@ def test_kill_9_mid_step_then_ckpt_path_last_continues_as_if_never_killed(tmp_pa
     assert (run_dir / "wandb_id.txt").read_text() == before["wandb_id"]
     offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline_runs)
+
+
+# ----------------------------------------------------------------------------- a torn last.ckpt
+
+
+def _ckpt(path: Path, step: int, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step, "w": torch.randn(5000)}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def _cut_in_half(path: Path) -> None:
+    stat = path.stat()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    os.utime(path, (stat.st_atime, stat.st_mtime))
+
+
+def test_ckpt_path_last_takes_the_newest_checkpoint_that_loads(tmp_path, caplog):
+    ckpts = tmp_path / "checkpoints"
+    assert resolve_ckpt_path("last", tmp_path) is None  # nothing saved yet: a fresh start
+    assert resolve_ckpt_path(None, tmp_path) is None
+    step2 = _ckpt(ckpts / "step_000002.ckpt", 2, 1000)
+    step4 = _ckpt(ckpts / "step_000004.ckpt", 4, 2000)
+    last = _ckpt(ckpts / "last.ckpt", 4, 2000)  # written with step 4: the same time
+    hpc = _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 3, 1500)
+    assert resolve_ckpt_path("last", tmp_path) == str(last)  # first among equals
+    _cut_in_half(last)
+    with caplog.at_level("WARNING"):
+        assert resolve_ckpt_path("last", tmp_path) == str(step4)
+    assert f"skipped {last}, it does not load (not a whole zip archive" in caplog.text
+    # kept for inspection, out of the way of the resumed run's next last.ckpt
+    assert not last.exists() and (ckpts / "last.ckpt.unreadable").is_file()
+    _cut_in_half(step4)
+    assert resolve_ckpt_path("last", tmp_path) == str(hpc)  # the SLURM requeue save
+    hpc.write_bytes(b"")
+    assert resolve_ckpt_path("last", tmp_path) == str(step2)
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt.unreadable",
+        "step_000002.ckpt",
+        "step_000004.ckpt.unreadable",
+    ]
+    _cut_in_half(step2)
+    with pytest.raises(RuntimeError, match="no checkpoint in .* loads: .*step_000002.ckpt"):
+        resolve_ckpt_path("last", tmp_path)  # not silently a fresh start over it
+    assert step2.exists()  # nothing moved when nothing loads
+    assert resolve_ckpt_path(str(step2), tmp_path) == str(step2)  # a named file is kept
+    sharded = ckpts / "last.ckpt"  # FSDP state_dict_type=sharded: a directory
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"x")
+    assert resolve_ckpt_path("last", tmp_path) == str(sharded)
+
+
+def test_ckpt_path_last_resumes_from_the_step_checkpoint_when_last_ckpt_is_cut_in_half(tmp_path):
+    """A full disk or a bad copy: ``last.ckpt`` cut in half, ``step_000002.ckpt`` intact beside it.
+    Before: ``ckpt_path=last`` stopped with torch's "PytorchStreamReader failed reading zip
+    archive"."""
+    run_dir = tmp_path / "run"
+    cli = [c for c in CLI if not c.startswith("trainer.max_steps=")]
+    # 1 rollout batch: step_000002.ckpt + last.ckpt
+    finish(start(run_dir, ["logger=csv", "trainer.max_steps=2"], cli), run_dir)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "step_000002.ckpt"]
+    _cut_in_half(ckpts / "last.ckpt")
+    with pytest.raises(RuntimeError, match="PytorchStreamReader failed reading zip archive"):
+        torch.load(ckpts / "last.ckpt", weights_only=False)
+
+    finish(start(run_dir, ["logger=csv", "trainer.max_steps=4", "ckpt_path=last"], cli), run_dir)
+    log = (run_dir.parent / "run.log").read_text()
+    assert f"skipped {ckpts / 'last.ckpt'}, it does not load" in log
+    assert f"resuming from {ckpts / 'step_000002.ckpt'}" in log
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 4  # went on from step 2, and last.ckpt is whole again
+    names = sorted(p.name for p in ckpts.iterdir())  # no last-v1.ckpt beside a torn last.ckpt
+    assert names == ["last.ckpt", "last.ckpt.unreadable", "step_000002.ckpt", "step_000004.ckpt"]
+    assert [r["step"] for r in table(run_dir)] == [2] * 6 + [4] * 6  # each step once
 
 
 # ----------------------------------------------------------------------------- cadence

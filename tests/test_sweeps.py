@@ -18,12 +18,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from grace_lightning import scale
 from grace_lightning.config import validate
 from grace_lightning.contrastive import check_args
+from grace_lightning.presets import resolve_overrides, world_size
 from grace_lightning.sweeps import report
 from grace_lightning.sweeps.multirun import multirun_command
 from grace_lightning.sweeps.spec import (
     agent_overrides,
+    fixed_overrides,
     grid_points,
     load_sweep,
     merge_overrides,
@@ -32,6 +35,7 @@ from grace_lightning.sweeps.spec import (
 from grace_lightning.train import train
 
 from .conftest import ROOT
+from .test_readme_commands import MARKDOWN, candidate_lines
 from .test_train import CONF, TINY, make_cfg
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -42,7 +46,17 @@ TRAINING_METRICS = {"reward", "loss", "train/acc"}
 
 def test_the_four_sweeps_exist():
     names = {p.stem for p in SWEEPS}
-    assert {"sup_vs_unsup", "lambda_grid", "algorithms", "baselines"} <= names
+    assert {"sup_vs_unsup", "lambda_grid", "algorithms", "baselines", "qwen3_fsdp"} <= names
+
+
+GPU_MEMORY = 79.6 * 2**30  # what an 80 GB H100 reports (torch.cuda total_memory)
+
+
+def launched_config(sweep: dict, point: dict):
+    """The config ``wandb agent`` gets for ``point``: its command line as train.py resolves it
+    (``experiment=auto`` -> the preset, grace_lightning/presets.py), composed."""
+    overrides = resolve_overrides(agent_overrides(sweep, point))
+    return compose("train", overrides=overrides, return_hydra_config=True)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -59,9 +73,7 @@ def test_every_grid_point_composes_as_the_agent_launches_it(path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF, version_base="1.3"):
         for point in points:
-            cfg = compose(
-                "train", overrides=agent_overrides(sweep, point), return_hydra_config=True
-            )
+            cfg = launched_config(sweep, point)
             validate(cfg)
             if cfg.model._target_.endswith("ContrastiveModule"):
                 m = cfg.model
@@ -80,16 +92,33 @@ def test_every_grid_point_composes_as_the_agent_launches_it(path):
             else:
                 assert metric in TRAINING_METRICS
             assert "wandb" in cfg.logger and cfg.logger.wandb.offline is False
+            assert cfg.logger.wandb.run_tags_from_config[0] == cfg.reward.mode  # W&B tags
+            # the paper recipe on the GPUs the sweep names: fits by the memory model (startup's
+            # check); more than one GPU only where the sweep's command names the trainer
+            world = world_size(cfg)
+            if world != 1:
+                assert any(o.startswith("trainer=") for o in fixed_overrides(sweep)), point
+            if cfg.model._target_.endswith("GraceModule"):
+                peak = scale.predict_config_peak(cfg, world)
+                assert peak is not None and peak <= scale.usable_memory(GPU_MEMORY), (
+                    path.stem,
+                    point,
+                    peak / 2**30,
+                )
 
 
 def _readme_multiruns() -> list[list[str]]:
-    """The `python train.py -m ...` lines of the READMEs (overrides only, comments dropped)."""
+    """The distinct `python train.py -m ...` commands of the READMEs and the docs site (code
+    blocks, tables and running text; overrides only, comments dropped)."""
     lines = []
-    for readme in (ROOT / "README.md", ROOT / "sweeps" / "README.md"):
-        for line in readme.read_text().splitlines():
+    for page in MARKDOWN:
+        for _, line in candidate_lines(page):
+            line = line.strip()
             # cluster lines (hydra/launcher=...) are composed by tests/test_launchers.py
             if line.startswith("python train.py -m ") and "hydra/launcher=" not in line:
-                lines.append(line.split("#")[0].split()[3:])
+                overrides = line.split("#")[0].split()[3:]
+                if overrides not in lines:  # the same command on several pages
+                    lines.append(overrides)
     return lines
 
 
@@ -106,22 +135,23 @@ def _cover(overrides: list[str]) -> list[list[str]]:
 
 
 def test_readme_multirun_commands_compose_at_every_point():
-    """The embedded-default one-liners compose; the paper-scale ones are the sweep files'."""
+    """The paper-scale grids the docs show (evaluated on ``eval=fast``) are the sweep files'; every
+    other multirun composes at every point as train.py runs it (``experiment=auto`` resolved):
+    on the CPU for the embedded models, on the GPU for a paper backbone."""
     commands = _readme_multiruns()
-    paper = [
-        c for c in commands if any(o.startswith(("experiment=paper_", "eval=fast")) for o in c)
-    ]
+    paper = [c for c in commands if "eval=fast" in c]
     sweeps = [multirun_command(p, [])[3:] for p in SWEEPS]
     assert sorted(paper) == sorted(sweeps), "sweeps/README.md: regenerate with --dry-run"
-    embedded = [c for c in commands if c not in paper]
-    assert len(embedded) >= 4
+    others = [c for c in commands if c not in paper]
+    assert len(others) >= 4
     GlobalHydra.instance().clear()
     with initialize_config_dir(CONF, version_base="1.3"):
-        for overrides in embedded:
+        for overrides in others:
             for point in _cover(overrides):
-                cfg = compose("train", overrides=point, return_hydra_config=True)
+                cfg = compose("train", overrides=resolve_overrides(point), return_hydra_config=True)
                 validate(cfg)
-                assert cfg.backbone.name == "smollm2" and cfg.trainer.accelerator == "cpu"
+                embedded = cfg.backbone.name in ("smollm2", "tiny")
+                assert (cfg.trainer.accelerator == "cpu") == embedded, point
                 if "optimized_metric=eval/avg" in point:
                     assert cfg.get("eval"), point  # eval/avg exists only with an eval suite
 
@@ -138,21 +168,31 @@ def test_agent_overrides_match_wandbs_own_formatting(path):
 
 
 def test_sweep_grids_are_the_papers():
+    """Together the sweep files run the paper's grids: every backbone x reward mode, every
+    backbone x method (Qwen3-4B in its own FSDP x4 file), the λ grid and the RL algorithms."""
     grid = {p.stem: load_sweep(p)["parameters"] for p in SWEEPS}
-    assert grid["sup_vs_unsup"]["backbone"]["values"] == ["qwen", "llama", "qwen3b", "qwen3"]
-    assert grid["sup_vs_unsup"]["reward"]["values"] == ["sup", "unsup"]
     for key in ("reward.lambda_consistency", "reward.lambda_hard"):
         assert grid["lambda_grid"][key]["values"] == [0, 0.25, 0.5, 0.75, 1]
     assert grid["algorithms"]["algo"]["values"] == ALGOS
-    experiments = grid["baselines"]["experiment"]["values"]
-    assert set(experiments) == {"paper_sup", "paper_unsup", "paper_infonce", "paper_simcse"}
+    runs = set()  # (backbone, experiment) of every GRACE / baseline run at paper scale
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(CONF, version_base="1.3"):
+        for name in ("sup_vs_unsup", "baselines", "qwen3_fsdp"):
+            sweep = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
+            for point in grid_points(sweep):
+                cfg = launched_config(sweep, point)
+                runs.add((cfg.backbone.name, cfg.hydra.runtime.choices.experiment))
+    experiments = ["paper_sup", "paper_unsup", "paper_infonce", "paper_simcse"]
+    backbones = ["qwen", "llama", "qwen3b", "qwen3"]
+    assert runs == {(b, e) for b in backbones for e in experiments}
 
 
 def test_multirun_equivalent_of_a_sweep():
     sweep = load_sweep(ROOT / "sweeps" / "lambda_grid.yaml")
     args = multirun_overrides(sweep)
     assert "reward.lambda_consistency=0,0.25,0.5,0.75,1" in args
-    assert "experiment=paper_sup" in args and "backbone=qwen" in args
+    assert "backbone=qwen" in args and not any(a.startswith("experiment=") for a in args)
+    assert "experiment=paper_sup" in resolve_overrides(args)  # train.py's experiment=auto
     # extra overrides replace the sweep's, including the keys below a replaced group
     args = multirun_overrides(sweep, ["backbone=tiny", "logger=csv"])
     assert "backbone=qwen" not in args and "backbone=tiny" in args

@@ -13,6 +13,7 @@ from grace_lightning.rl.update import (
     PolicyUpdater,
     UpdateConfig,
     UpdateHooks,
+    padded_tokens,
     plan_micro_batches,
     row_costs,
     score_rows,
@@ -90,7 +91,8 @@ def grads_of_one_step(policy, ref, ro, adv, weight, **cfg_kw) -> dict[str, torch
 
 SPLITS = [
     {"micro_batch_size": 2},  # partial groups, a group straddling two micro-batches
-    {"max_tokens_per_micro_batch": 26},  # token budget: rows packed greedily, some whole groups
+    # token budget (padded tokens, rl/update.py padded_tokens): some whole groups, some split
+    {"max_tokens_per_micro_batch": 20},
 ]
 
 
@@ -118,8 +120,8 @@ def test_the_split_really_changes_the_micro_batches(setup):
     groups = PolicyUpdater.groups_of(ro, range(P))
     plan = plan_micro_batches(groups, costs, max_rows=2)
     assert [p.tolist() for p in plan] == [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
-    plan = plan_micro_batches(groups, costs, max_tokens=26)
-    assert len(plan) > 1 and all(int(costs[p].sum()) <= 26 for p in plan)
+    plan = plan_micro_batches(groups, costs, max_tokens=20)
+    assert len(plan) > 1 and all(padded_tokens(p.tolist(), costs) <= 20 for p in plan)
     assert any(len(p) == K for p in plan) and any(len(p) < K for p in plan), plan
 
 

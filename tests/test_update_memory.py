@@ -111,10 +111,12 @@ def test_update_peak_memory_grows_with_the_micro_batch_not_the_mini_batch(model,
     micro2_big = update_peak(model, shape, 32, micro_batch_size=2)  # twice the mini-batch
     micro8 = update_peak(model, shape, 16, micro_batch_size=8)
     unsplit = update_peak(model, shape, 16)
-    # a token budget of two rows packs the same 2-row micro-batches
-    budget = update_peak(
-        model, shape, 16, max_tokens_per_micro_batch=2 * (prompt_len + response_len)
-    )
+    # a token budget of two rows packs the same 2-row micro-batches: the budget counts the
+    # padded rectangle the loss pass runs (rl/update.py padded_tokens), on the shared-prompt
+    # path one prompt + 2 responses (a third row would add a response: over budget)
+    share_prompt = SHAPES[shape][2]
+    two_rows = prompt_len + 2 * response_len if share_prompt else 2 * (prompt_len + response_len)
+    budget = update_peak(model, shape, 16, max_tokens_per_micro_batch=two_rows)
     mib = {
         k: round(v / 2**20, 1)
         for k, v in dict(

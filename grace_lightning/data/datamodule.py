@@ -25,8 +25,9 @@ others wait for it). ``train_examples`` / ``val_examples`` are read-only sequenc
 store (:class:`ExampleView`); the splits and the length filter are index arrays.
 
 Batches are raw strings: ``{"query": [...], "positive": [...], "negatives": [[...], ...]}``
-(sup) or ``{"text": [...]}`` (unsup), ``prompts_per_step`` examples each (per device), shuffled
-by a resumable, rank-sharded sampler (:mod:`grace_lightning.data.sampler`).
+(sup) or ``{"text": [...]}`` (unsup), ``prompts_per_step / world_size`` examples each on each
+rank (``prompts_per_step`` is GLOBAL, as verl's ``train_batch_size``), shuffled by a resumable,
+rank-sharded sampler (:mod:`grace_lightning.data.sampler`).
 """
 
 from __future__ import annotations
@@ -168,15 +169,16 @@ class GraceDataModule(LightningDataModule):
         max_examples: read only the first N valid examples (None: all).
         val_fraction: the first ``int(n * val_fraction)`` examples, unshuffled, are held out
             (paper/upstream 0.01).
-        prompts_per_step: policy prompts per rollout batch on each device = the train
-            dataloader batch size (upstream ``train_batch_size=64`` over all GPUs).
+        prompts_per_step: policy prompts per rollout batch over ALL ranks (upstream / verl
+            ``train_batch_size=64`` over all GPUs); each rank's train dataloader takes
+            ``prompts_per_step / world_size`` (:meth:`per_rank_batch`; must divide).
         max_prompt_tokens: keep examples whose chat-templated policy prompt has at most this
             many tokens (paper/upstream 1024); applied by :meth:`filter_by_length`. None or 0
             disables it.
         seed: shuffling seed (the order is a function of seed and epoch only).
         num_workers: DataLoader worker processes (0: load in the main process).
         rank / world_size: DDP sharding; default from the Trainer, else torch.distributed.
-        val_batch_size: validation batch size (default ``prompts_per_step``).
+        val_batch_size: validation batch size per rank (default ``per_rank_batch()``).
         cache_dir: where the Arrow stores and cached prompt lengths live (default
             ``$GRACE_CACHE/data/arrow``).
     """
@@ -223,7 +225,7 @@ class GraceDataModule(LightningDataModule):
         self.num_workers = int(num_workers)
         self.rank = rank
         self.world_size = world_size
-        self.val_batch_size = int(val_batch_size or prompts_per_step)
+        self.val_batch_size = int(val_batch_size) if val_batch_size else None
         self.cache_dir = Path(cache_dir) if cache_dir else data_cache_dir() / "arrow"
 
         self.dataset = None  # the whole (validated) source as an Arrow dataset
@@ -410,6 +412,18 @@ class GraceDataModule(LightningDataModule):
             world = default_world if world is None else world
         return int(rank), int(world)
 
+    def per_rank_batch(self, world: int | None = None) -> int:
+        """Policy prompts per rollout batch on each rank: the global ``prompts_per_step``
+        divided by the world size (config.py checks the division at startup)."""
+        if world is None:
+            world = self._rank_world_size()[1]
+        if self.prompts_per_step % world:
+            raise DataError(
+                f"data.prompts_per_step={self.prompts_per_step} is global and {world} ranks "
+                f"cannot split it evenly: set it to a multiple of {world}"
+            )
+        return self.prompts_per_step // world
+
     def _collate(self) -> Callable[[list[Any]], dict[str, list]]:
         return collate_triplets if self.mode == "sup" else collate_sentences
 
@@ -418,15 +432,16 @@ class GraceDataModule(LightningDataModule):
         rank, world = self._rank_world_size()
         dataset = ListDataset(self.train_examples)
         sampler = ResumableSampler(dataset, seed=self.seed, rank=rank, world_size=world)
-        if len(sampler) < self.prompts_per_step:
+        per_rank = self.per_rank_batch(world)
+        if len(sampler) < per_rank:
             raise DataError(
                 f"{len(self.train_examples)} training examples give {len(sampler)} per device "
-                f"(world size {world}), fewer than prompts_per_step={self.prompts_per_step}: "
-                f"no full batch"
+                f"(world size {world}), fewer than prompts_per_step={self.prompts_per_step} / "
+                f"{world} = {per_rank}: no full batch"
             )
         return ResumableDataLoader(
             dataset,
-            batch_size=self.prompts_per_step,
+            batch_size=per_rank,
             sampler=sampler,
             drop_last=True,
             collate_fn=self._collate(),
@@ -441,7 +456,7 @@ class GraceDataModule(LightningDataModule):
             return []
         return DataLoader(
             ListDataset(self.val_examples),
-            batch_size=self.val_batch_size,
+            batch_size=self.val_batch_size or self.per_rank_batch(),
             shuffle=False,
             drop_last=False,
             collate_fn=self._collate(),

@@ -9,6 +9,12 @@ Sources, picked by `BackboneConfig.source`:
              but a GGUF-loaded model refuses ``save_pretrained``, so we convert once (fresh model
              from its config + its state dict) into a local cache and load from there afterwards.
 - ``tiny``:  a small randomly initialised Llama with the embedded default's tokenizer (fast tests).
+
+``init=random`` (any source): the backbone's architecture with random weights and the embedded
+default's tokenizer, no weights read and no Hub: the architecture comes from the shipped
+``config.json`` of a paper backbone (``grace_lightning/models/shapes/<owner>--<name>.json``) or a
+local model dir's, with ``init_config`` keys on top (e.g. ``{num_hidden_layers: 2}``). For GPU
+checks at the real shape (bench/gpu_checks.sh), never for training a model you want to use.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class BackboneConfig:
     revision: str | None = None
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2" (GPU only)
     trust_remote_code: bool = False
+    init: str = "pretrained"  # pretrained (the weights) | random (the shape only: see module doc)
+    init_config: dict[str, Any] = field(default_factory=dict)  # init=random: config.json overrides
     # modules LoRA adapts on this architecture (peft=lora); Llama/Qwen/SmolLM2 share these names
     lora_target_modules: list[str] = field(
         default_factory=lambda: [
@@ -151,9 +159,43 @@ def convert_gguf(cfg: BackboneConfig, force: bool = False) -> Path:
     return target
 
 
+SHAPES_DIR = Path(__file__).resolve().parent / "shapes"
+
+
+def shape_config_file(cfg: BackboneConfig) -> Path | None:
+    """The ``config.json`` that describes the backbone's architecture without its weights: the
+    shipped one of a paper backbone (by Hub id), or a local model dir's; None if neither."""
+    if cfg.source != "hub" or not cfg.pretrained:
+        return None
+    local = Path(str(cfg.pretrained)) / "config.json"
+    if local.is_file():
+        return local
+    shipped = SHAPES_DIR / (str(cfg.pretrained).replace("/", "--") + ".json")
+    return shipped if shipped.is_file() else None
+
+
+def random_init_config(cfg: BackboneConfig):
+    """transformers config of ``init=random``: the shape file + ``init_config`` overrides."""
+    from transformers import AutoConfig
+
+    path = shape_config_file(cfg)
+    if path is None:
+        shipped = ", ".join(sorted(p.stem.replace("--", "/") for p in SHAPES_DIR.glob("*.json")))
+        raise ValueError(
+            f"backbone.init=random: no architecture for backbone.pretrained={cfg.pretrained!r} "
+            f"(source={cfg.source}); shipped shapes: {shipped}, or a local model dir"
+        )
+    values = json.loads(path.read_text())
+    values.update(dict(cfg.init_config or {}))
+    model_type = values.pop("model_type")
+    return AutoConfig.for_model(model_type, **values)
+
+
 def load_tokenizer(cfg: BackboneConfig):
     from transformers import AutoTokenizer
 
+    if cfg.init == "random":  # the shape only: the embedded default's tokenizer, no Hub
+        cfg = BackboneConfig()
     if cfg.source == "hub":
         path = cfg.pretrained
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -188,11 +230,22 @@ def load_backbone(cfg: BackboneConfig | dict, device: str | torch.device | None 
         raise ValueError(f"backbone.source={cfg.source!r}: use hub, gguf or tiny")
     if cfg.source == "hub" and not cfg.pretrained:
         raise ValueError("backbone.source=hub needs backbone.pretrained (a Hub id or a dir)")
+    if cfg.init not in ("pretrained", "random"):
+        raise ValueError(f"backbone.init={cfg.init!r}: use pretrained or random")
     tokenizer = load_tokenizer(cfg)
     extra: dict[str, Any] = {}
     if cfg.attn_implementation:
         extra["attn_implementation"] = cfg.attn_implementation
-    if cfg.source == "hub":
+    if cfg.init == "random" and cfg.source != "tiny":
+        config = random_init_config(cfg)
+        config.pad_token_id = tokenizer.pad_token_id
+        with torch.random.fork_rng():
+            torch.manual_seed(int(cfg.tiny.get("seed", 0)))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+        log.info("backbone.init=random: %s-shaped model, random weights", cfg.pretrained)
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    elif cfg.source == "hub":
         model = AutoModelForCausalLM.from_pretrained(
             cfg.pretrained,
             dtype=dtype,
@@ -252,6 +305,8 @@ def decoder_layer_classes(model_or_config: Any) -> set[type[torch.nn.Module]]:
 
     if cfg.source == "tiny":
         config = LlamaConfig()
+    elif cfg.init == "random":
+        config = random_init_config(cfg)
     elif cfg.source == "gguf":
         config = AutoConfig.from_pretrained(convert_gguf(cfg))
     else:

@@ -135,7 +135,9 @@ def loss_pass_hidden(
     if share_prompt:
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=decoder.config)
+        from grace_lightning.rollout.kv import same_dtype_kv
+
+        cache = same_dtype_kv(DynamicCache(config=decoder.config))  # K in V's dtype (rollout/kv.py)
         key = cache_kwarg(decoder)
         out = decoder(
             input_ids=prompt_ids,

@@ -22,6 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from grace_lightning.rollout.engine import cache_kwarg, positions_from_mask
+from grace_lightning.rollout.kv import same_dtype_kv
 
 LOGITS_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk when chunk_tokens is None
 DEFAULT_CHUNK_TOKENS = 512  # when the LM head's output size cannot be read
@@ -154,7 +155,7 @@ def _hidden_shared_prompt(
     """Prompt once per group, responses on the expanded cache. -> (N, R, D)"""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=decoder.config)
+    cache = same_dtype_kv(DynamicCache(config=decoder.config))  # K in V's dtype (rollout/kv.py)
     key = cache_kwarg(decoder)
     out = decoder(
         input_ids=prompt_ids,
@@ -164,12 +165,14 @@ def _hidden_shared_prompt(
         **{key: cache},
     )
     first = out.last_hidden_state[:, -1][row_to_prompt]  # (N, D): predicts response token 0
-    if response_ids.size(1) == 1:
-        return first[:, None]
+    # The second pass always runs, even for 1-token responses (then on one masked dummy token):
+    # under sharded FSDP every rank must issue the same number of forwards (each all-gathers the
+    # layers), whatever the lengths of its own rows.
+    n = response_ids.size(1) - 1  # response tokens fed back (the last one predicts nothing scored)
     cache.batch_select_indices(row_to_prompt)  # differentiable gather of the prompt's K/V
     mask = prompt_mask[row_to_prompt]
-    feed = response_ids[:, :-1]  # the last token predicts nothing we score
-    feed_mask = response_mask[:, :-1]
+    feed = response_ids[:, : max(n, 1)]  # (N, max(n, 1))
+    feed_mask = response_mask[:, :n] if n else torch.zeros_like(feed)
     pos = mask.sum(-1, keepdim=True) + torch.arange(feed.size(1), device=feed.device)
     out = decoder(
         input_ids=feed,
@@ -178,7 +181,7 @@ def _hidden_shared_prompt(
         use_cache=True,
         **{key: cache},
     )
-    return torch.cat([first[:, None], out.last_hidden_state], dim=1)
+    return torch.cat([first[:, None], out.last_hidden_state[:, :n]], dim=1)  # (N, 1 + n, D)
 
 
 def _hidden_full_sequence(

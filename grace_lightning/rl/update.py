@@ -7,8 +7,11 @@ MICRO-batches whose gradients accumulate before the step, so memory grows with t
 
 - ``micro_batch_size``: at most this many rows (verl ``ppo_micro_batch_size_per_gpu``, TRL
   ``per_device_train_batch_size``);
-- ``max_tokens_per_micro_batch``: at most this many prompt + response tokens (verl
-  ``ppo_max_token_len_per_gpu`` with ``use_dynamic_bsz``); rows are packed greedily, whole groups
+- ``max_tokens_per_micro_batch``: at most this many prompt + response token positions as the
+  loss pass runs them, padding included (`padded_tokens`: ``p lp + n r`` on the shared-prompt
+  path, ``n (lp + r)`` on full sequences, lp / r the longest prompt / response of the
+  micro-batch); verl's ``ppo_max_token_len_per_gpu`` with ``use_dynamic_bsz`` counts real tokens
+  because verl removes padding, this forward does not. Rows are packed greedily, whole groups
   first (a group's prompt then runs once per micro-batch on the shared-prompt path).
 
 Split and unsplit steps give the same gradient: every normaliser of the loss (rows and active
@@ -34,7 +37,7 @@ from torch import Tensor
 
 from grace_lightning.rl.joint import JointTargets, rows_logprobs_and_embedding
 from grace_lightning.rl.losses import clipped_policy_loss, kl_k3
-from grace_lightning.rl.policy import response_logprobs
+from grace_lightning.rl.policy import _is_checkpointing, response_logprobs
 from grace_lightning.rl.precision import autocast_off
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -61,6 +64,8 @@ class UpdateConfig:
     share_prompt: bool = True
     old_logprobs: str = "rollout"  # rollout | recompute
     grad_clip: float | None = 1.0
+    pg_weight: float = 1.0  # weight of the policy-gradient (PPO) term; 0 = joint loss alone
+    log_term_grad_norms_steps: int = 0  # first optimiser steps that log grad_norm/{pg,joint}
 
     @classmethod
     def from_cfg(cls, algo: dict, rollout: dict, optim: dict) -> UpdateConfig:
@@ -79,6 +84,8 @@ class UpdateConfig:
             share_prompt=bool(algo.get("share_prompt", True)),
             old_logprobs=algo.get("old_logprobs", "rollout"),
             grad_clip=optim.get("grad_clip", 1.0),
+            pg_weight=float(algo.get("pg_weight", 1.0)),
+            log_term_grad_norms_steps=int(algo.get("log_term_grad_norms_steps", 0) or 0),
         )
 
 
@@ -123,9 +130,47 @@ def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> Non
     n = a.get("num_iterations", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise error(f"algo.num_iterations={n!r}: use a whole number >= 1 (verl ppo_epochs)")
+    w = a.get("pg_weight", 1.0)
+    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+        raise error(
+            f"algo.pg_weight={w!r}: the policy-gradient term's weight must be a number >= 0 "
+            f"(1 = GRACE, 0 = the joint contrastive loss alone)"
+        )
+    if w == 0 and not float(a.get("contrastive_weight", 0.0) or 0.0) > 0:
+        raise error(
+            "algo.pg_weight=0 with algo.contrastive_weight=0 leaves no loss to train on: set "
+            "algo.contrastive_weight>0 (e.g. 0.5) for the joint loss alone, or algo.pg_weight>0"
+        )
+    steps = a.get("log_term_grad_norms_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise error(f"algo.log_term_grad_norms_steps={steps!r}: use a whole number >= 0 (0 = off)")
 
 
 # ----------------------------------------------------------------------------- planning
+
+
+def padded_tokens(rows: list[int], shapes: Tensor, shared: bool = True) -> int:
+    """Token positions the loss pass runs for a micro-batch of ``rows`` (its padded rectangle).
+
+    shapes: (N, 3) ``row_costs`` rows [prompt tokens, response tokens, prompt index], or (N,)
+    per-row lengths with nothing shared. `update.rows_logprobs` / `joint.loss_pass_hidden` trim
+    the prompts to the longest real prompt ``lp`` and the responses to the longest response
+    ``r`` among the rows, then run, with ``p`` distinct prompts and ``n`` rows:
+
+    - shared-prompt pass (``algo.share_prompt``, no gradient checkpointing): ``p x lp`` prompt
+      tokens, then ``n x r`` response tokens on the expanded cache -> ``p lp + n r``;
+    - full sequences (``share_prompt=false`` or checkpointing): ``n x (lp + r)``.
+
+    (`policy.response_logprobs` feeds ``r - 1`` response tokens: one row's worth less.)
+    """
+    if not rows:
+        return 0
+    if shapes.dim() == 1:
+        return len(rows) * int(shapes[rows].max())
+    sel = shapes[rows]  # (n, 3)
+    lp, r = max(1, int(sel[:, 0].max())), max(1, int(sel[:, 1].max()))
+    prompts = len(set(sel[:, 2].tolist())) if shared else len(rows)
+    return prompts * lp + len(rows) * r
 
 
 def plan_micro_batches(
@@ -134,17 +179,20 @@ def plan_micro_batches(
     *,
     max_rows: int | None = None,
     max_tokens: int | None = None,
+    shared: bool = True,
 ) -> list[Tensor]:
     """Pack a mini-batch's rows into micro-batches, greedily and in order.
 
-    groups: the mini-batch's groups, each a (K,) tensor of row indices; row_tokens: (N,) prompt
-    + response tokens of every row of the rollout batch. A group joins the current micro-batch
-    whole if it fits, else opens a new one; a group too big for an empty micro-batch is split
-    row by row. Returns a list of 1-D row-index tensors covering every row once, in order.
+    groups: the mini-batch's groups, each a (K,) tensor of row indices; row_tokens: (N, 3)
+    ``row_costs`` of every row of the rollout batch (or (N,) lengths, nothing shared). The token
+    budget counts the padded rectangle the loss pass runs (`padded_tokens`; ``shared``: the
+    shared-prompt pass), not the real tokens. A group joins the current micro-batch whole if it
+    fits, else opens a new one; a group too big for an empty micro-batch is split row by row.
+    Returns a list of 1-D row-index tensors covering every row once, in order.
     """
     if max_tokens is not None:
-        rows = torch.cat(groups)
-        worst = int(row_tokens[rows].max())
+        rows = torch.cat(groups).tolist()
+        worst = max(padded_tokens([i], row_tokens, shared) for i in rows)
         if worst > max_tokens:
             raise RuntimeError(
                 f"a rollout row has {worst} prompt + response tokens, more than "
@@ -152,33 +200,25 @@ def plan_micro_batches(
             )
     cap_rows = max_rows if max_rows is not None else math.inf
     cap_tokens = max_tokens if max_tokens is not None else math.inf
-    bins: list[list[int]] = []
-    n_rows, n_tok = 0, 0  # size of the open bin (bins[-1])
 
-    def open_bin() -> None:
-        nonlocal n_rows, n_tok
-        bins.append([])
-        n_rows, n_tok = 0, 0
+    def fits(ids: list[int]) -> bool:
+        if len(ids) > cap_rows:
+            return False
+        return max_tokens is None or padded_tokens(ids, row_tokens, shared) <= cap_tokens
 
-    open_bin()
+    bins: list[list[int]] = [[]]
     for g in groups:
         ids = g.tolist()
-        cost = int(row_tokens[g].sum())
-        if n_rows + len(ids) <= cap_rows and n_tok + cost <= cap_tokens:
+        if fits(bins[-1] + ids):
             bins[-1] += ids
-            n_rows, n_tok = n_rows + len(ids), n_tok + cost
             continue
-        if n_rows and len(ids) <= cap_rows and cost <= cap_tokens:
-            open_bin()  # the whole group fits an empty micro-batch
-            bins[-1] += ids
-            n_rows, n_tok = len(ids), cost
+        if bins[-1] and fits(ids):  # the whole group fits an empty micro-batch
+            bins.append(ids)
             continue
         for i in ids:  # split the group
-            c = int(row_tokens[i])
-            if n_rows and (n_rows + 1 > cap_rows or n_tok + c > cap_tokens):
-                open_bin()
+            if bins[-1] and not fits(bins[-1] + [i]):
+                bins.append([])
             bins[-1].append(i)
-            n_rows, n_tok = n_rows + 1, n_tok + c
     device = groups[0].device
     return [torch.tensor(b, dtype=torch.long, device=device) for b in bins if b]
 
@@ -200,8 +240,10 @@ def split_to_count(plan: list[Tensor], count: int) -> list[Tensor]:
 
 
 def row_costs(prompt_mask: Tensor, row_to_prompt: Tensor, response_mask: Tensor) -> Tensor:
-    """(N,) prompt + response tokens of each row (what the token budget counts)."""
-    return prompt_mask.sum(-1)[row_to_prompt] + response_mask.sum(-1)
+    """(N, 3) [prompt tokens, response tokens, prompt index] of each row: what the planner's
+    `padded_tokens` needs to size a micro-batch's padded rectangle."""
+    prompt = prompt_mask.sum(-1)[row_to_prompt]  # (N,)
+    return torch.stack([prompt, response_mask.sum(-1), row_to_prompt], dim=-1).long()  # (N, 3)
 
 
 # ----------------------------------------------------------------------------- hooks
@@ -217,6 +259,18 @@ def _clip(params: list[Tensor], max_norm: float | None) -> Tensor:
     if not params:
         return torch.zeros(())
     return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+
+
+def _is_sharded(model) -> bool:
+    """FSDP (a wrapped submodule or DTensor parameters): its unshard/reshard hooks expect one
+    backward per forward, so the per-term ``torch.autograd.grad`` passes are skipped there."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # pragma: no cover - torch without distributed
+        FSDP = ()
+    if FSDP and any(isinstance(m, FSDP) for m in model.modules()):
+        return True
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 @dataclass
@@ -321,18 +375,28 @@ JOINT_ROW_WEIGHTED = ("joint/infonce", "joint/acc")  # summed per row; logged / 
 class PolicyUpdater:
     """Runs the update of one rollout batch; see the module docstring."""
 
-    def __init__(self, cfg: UpdateConfig, policy, hooks: UpdateHooks, reference=None):
+    def __init__(
+        self, cfg: UpdateConfig, policy, hooks: UpdateHooks, reference=None, first_step: int = 0
+    ):
         if cfg.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
         self.cfg, self.policy, self.hooks = cfg, policy, hooks
         self.reference = reference  # () -> context manager yielding the KL reference model
         self.skipped = 0  # optimiser steps skipped (non-finite gradient norm), this instance
+        # the run's optimiser step count before this update (LightningModule.global_step): the
+        # per-term gradient norms are logged while it is < cfg.log_term_grad_norms_steps
+        self.step_index = first_step
+        self.sharded = _is_sharded(policy)  # FSDP: no per-term norms (autograd.grad on shards)
 
     # -- planning
     def plan(self, groups: list[Tensor], costs: Tensor) -> list[Tensor]:
         c = self.cfg
         plan = plan_micro_batches(
-            groups, costs, max_rows=c.micro_batch_size, max_tokens=c.max_tokens_per_micro_batch
+            groups,
+            costs,
+            max_rows=c.micro_batch_size,
+            max_tokens=c.max_tokens_per_micro_batch,
+            shared=c.share_prompt and not _is_checkpointing(self.policy),  # the pass that runs
         )
         if self.hooks.world_size > 1:
             n = self.hooks.gather(torch.tensor(len(plan), device=costs.device)).max()
@@ -357,7 +421,7 @@ class PolicyUpdater:
         """
         c = self.cfg
         num_prompts = len(ro.prompt_ids)
-        costs = row_costs(ro.prompt_mask, ro.row_to_prompt, ro.response_mask)  # (N,)
+        costs = row_costs(ro.prompt_mask, ro.row_to_prompt, ro.response_mask)  # (N, 3)
         all_groups = self.groups_of(ro, range(num_prompts))
         with autocast_off():
             mask_all = ro.response_mask.float() * loss_weight.float()[:, None]  # (N, R)
@@ -393,8 +457,9 @@ class PolicyUpdater:
         self.skipped += skipped
 
         out: dict[str, float] = {}
-        for name in per_step[0]:
-            out[name] = sum(s[name] for s in per_step) / len(per_step)
+        for name in dict.fromkeys(n for s in per_step for n in s):  # grad_norm/*: first steps only
+            values = [s[name] for s in per_step if name in s]
+            out[name] = sum(values) / len(values)
         # TRL: mean over ranks, plus the min of the low and the max of the high clip ratio
         names = sorted(out)
         gathered = self.hooks.gather(torch.tensor([out[n] for n in names], dtype=torch.float64))
@@ -419,15 +484,25 @@ class PolicyUpdater:
             dapo = total.clamp(min=1.0) / h.world_size
         norm = _Normalisers(rows=len(rows), tokens=tokens, dapo=dapo)
         plan = self.plan(groups, costs)
+        # per-term gradients (algo.log_term_grad_norms_steps): one extra backward per term
+        # (only with the joint loss on: with one term, grad_norm is that term's norm already)
+        want = (
+            self.step_index < c.log_term_grad_norms_steps and joint is not None and not self.sharded
+        )
+        term_grads = {} if want else None
+        self.step_index += 1
 
         h.zero_grad()
         acc = _StepStats()
         for i, micro in enumerate(plan):
             last = i == len(plan) - 1
             with nullcontext() if last else h.no_sync():
+                terms = {} if term_grads is not None else None
                 loss, m = self.micro_loss(
-                    ro, micro, mask_all, advantages, old, ref, norm, joint=joint
+                    ro, micro, mask_all, advantages, old, ref, norm, joint=joint, terms=terms
                 )
+                if terms:
+                    self._add_term_grads(terms, term_grads)
                 h.backward(loss)
             acc.add("loss", loss.detach())
             for name, value in m.items():
@@ -455,10 +530,47 @@ class PolicyUpdater:
         for name in JOINT_ROW_WEIGHTED:  # per-row means over the mini-batch's rows
             if name in acc.sums:
                 stats[name] = acc.sums[name] / len(rows)
+        if term_grads is not None:
+            stats.update(self._term_norms(term_grads))
         return stats, grad_norm, ok
 
-    def micro_loss(self, ro, rows, mask_all, advantages, old, ref, norm: _Normalisers, joint=None):
+    def _add_term_grads(self, terms: dict[str, Tensor], acc: dict[str, list[Tensor]]) -> None:
+        """Add each loss term's gradient w.r.t. the trainable parameters into ``acc`` (summed
+        over the micro-batches of the step). ``torch.autograd.grad`` leaves ``.grad`` alone, so
+        the step's own backward is unchanged."""
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        for name, term in terms.items():
+            if not term.requires_grad:  # e.g. pg_weight=0: a zero term, zero gradient
+                grads = [torch.zeros_like(p) for p in params]
+            else:
+                grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if name in acc:
+                for a, g in zip(acc[name], grads):
+                    a.add_(g)
+            else:
+                acc[name] = [g.detach().float().clone() for g in grads]
+
+    def _term_norms(self, acc: dict[str, list[Tensor]]) -> dict[str, float]:
+        """``grad_norm/<term>``: L2 norm of each term's mini-batch gradient, before clipping;
+        over ranks the gradients are averaged first (DDP: replicated parameters)."""
+        out = {}
+        h = self.hooks
+        for name, grads in acc.items():
+            flat = torch.cat([g.flatten() for g in grads]) if grads else torch.zeros(1)
+            if h.world_size > 1:
+                flat = h.sum_over_ranks(flat) / h.world_size
+            out[f"grad_norm/{name}"] = float(flat.norm())
+        return out
+
+    def micro_loss(
+        self, ro, rows, mask_all, advantages, old, ref, norm: _Normalisers, joint=None, terms=None
+    ):
         """This micro-batch's share of the mini-batch loss, and token-weighted metric sums.
+
+        loss = pg_weight * PPO-clip + beta * KL + alpha * InfoNCE (``algo.pg_weight``; 0 = the
+        joint loss alone on the same rollouts and pooling). ``terms``: a dict that receives the
+        weighted ``pg`` and ``joint`` terms (tensors in the graph) for their gradient norms.
 
         With ``joint`` (weight > 0) the same forward also pools each row's embedding and the
         loss gains ``joint.micro_loss`` (alpha * InfoNCE, per-row mean over the mini-batch).
@@ -503,6 +615,10 @@ class PolicyUpdater:
                 loss = loss * (len(rows) / norm.rows)
             elif c.loss_type == "bnpo":  # active tokens of this rank's mini-batch
                 loss = loss * (n_tok.clamp(min=1.0) / norm.tokens.clamp(min=1.0))
+            # () weighted policy-gradient term; pg_weight=0 drops it from the graph altogether
+            loss = loss * c.pg_weight if c.pg_weight > 0 else torch.zeros_like(loss).detach()
+            if terms is not None:
+                terms["pg"] = loss
             sums = {name: float(v) * float(n_tok) for name, v in m.items()}
             if entropy is not None:
                 sums["entropy"] = float((entropy.float() * mask).sum())
@@ -514,5 +630,7 @@ class PolicyUpdater:
             if pooled is not None:
                 joint_loss, joint_sums = joint.micro_loss(pooled, rows, norm.rows)
                 loss = loss + joint_loss
+                if terms is not None:
+                    terms["joint"] = joint_loss
                 sums.update(joint_sums)
         return loss, sums

@@ -66,6 +66,7 @@ from grace_lightning.rollout.kv import (
     SegmentedCache,
     num_layers,
     prefix_kv,
+    same_dtype_kv,
     shared_prefix_len,
     suffix_batch,
     supports_segmented_cache,
@@ -99,6 +100,9 @@ class RolloutBatch:
     temperatures: torch.Tensor  # (N,)
     logprobs: torch.Tensor | None  # (N, R) log-prob of each sampled token at its temperature
     pooled: torch.Tensor | None  # (N, D) mean-pooled last-layer hidden states, float32
+    # (N, R) the sampler's own log-prob of each token when it is not the scoring model
+    # (rollout.engine=vllm: vLLM's; `logprobs` then come from the training model's pass)
+    sampler_logprobs: torch.Tensor | None = None
 
     @property
     def embeddings(self) -> torch.Tensor | None:  # (N, D) L2-normalised (the reward's h)
@@ -255,12 +259,19 @@ class HFRolloutEngine:
             segmented,
         )
         self.last_plan = batches  # the sub-batches of the last call (diagnostics, tests)
+        # sharded FSDP: every rank must run every decoder forward (each all-gathers the layers'
+        # shards), so the ranks decode in lockstep (`rank_sync`); None elsewhere
+        sync = rank_sync(model, device)
+        run_prefix = bool(prefix_len) if sync is None else sync(int(prefix_len > 0)) > 0
+        n_parts = len(batches) if sync is None else sync(len(batches))
         prefix = None
         if prefix_len:  # the system prompt + chat header, once for every prompt and sub-batch
             decoder = model.get_decoder()
             prefix = prefix_kv(
                 decoder, cache_kwarg(decoder), prompt_ids[0][:prefix_len], num_layers(model), device
             )
+        elif run_prefix:  # another rank runs its prefix: the same all-gathers here
+            _ghost_forward(model.get_decoder(), device)
         tracker = _Progress(
             progress or self.progress, int(row_to_prompt.numel()), self.progress_every
         )
@@ -277,9 +288,12 @@ class HFRolloutEngine:
                 segmented,
                 tracker,
                 device,
+                sync=sync,
             )
             for pieces in batches
         ]
+        for _ in range(n_parts - len(batches)):  # another rank has more sub-batches
+            _ghost_sample(model.get_decoder(), self.max_new_tokens, sync, device)
         resp, resp_mask, logps, finished, pooled = _concat_rows(parts, self.pad_id, device)
         return RolloutBatch(
             prompt_ids=p_ids,
@@ -306,8 +320,14 @@ class HFRolloutEngine:
         segmented: bool,
         tracker: _Progress,
         device,
+        sync: Callable[[int], int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One sub-batch: prefill its prompts once, then sample every row of its pieces."""
+        """One sub-batch: prefill its prompts once, then sample every row of its pieces.
+
+        ``sync`` (`rank_sync`, sharded FSDP): after each decode step the ranks agree whether any
+        of them still has rows; a rank whose rows are done runs one-token forwards
+        (`_ghost_forward`) until every rank's are, so all ranks run the same forwards.
+        """
         from transformers import DynamicCache
 
         model = self.model
@@ -326,7 +346,7 @@ class HFRolloutEngine:
             ids, attn, pos = suffix_batch(prompts, prefix_len, self.pad_id, device)  # (P, T)
             pool = pooling_mask(attn[:, prefix_len:], system_len - prefix_len)  # (P, T)
         else:
-            cache = DynamicCache(config=model.config)
+            cache = same_dtype_kv(DynamicCache(config=model.config))  # K in V's dtype (kv.py)
             ids, attn = left_pad(prompts, self.pad_id, device)  # (P, Lp)
             pos = positions_from_mask(attn)
             pool = pooling_mask(attn, system_len)
@@ -365,7 +385,13 @@ class HFRolloutEngine:
                 [torch.rand(steps, generator=torch.Generator().manual_seed(x)) for x in row_seeds]
             ).to(device, torch.float64)
 
+        live = True  # this rank still has rows in this sub-batch (False only under `sync`)
         for t in range(steps):
+            if not live:  # lockstep: this rank's rows are done, another rank's are not
+                _ghost_forward(decoder, device)
+                if t == steps - 1 or not sync(0):
+                    break
+                continue
             # 3. sample one token per active row at its own temperature
             temp = row_temp[active, None]
             greedy = temp <= 0  # temperature 0 = greedy decoding (ReMax's baseline rollout)
@@ -402,8 +428,14 @@ class HFRolloutEngine:
             tracker.step(n_ended, len(active))
 
             keep = ~ended
-            if not keep.any() or t == steps - 1:
+            if t == steps - 1:
                 break
+            running = bool(keep.any())
+            if not (running if sync is None else sync(int(running)) > 0):
+                break  # every row (of every rank, under sync) is done
+            if not running:  # another rank still decodes: keep step with it
+                live = False
+                continue
             # 5. finished rows leave the batch, so long stragglers run alone
             if n_ended:
                 idx = keep.nonzero().squeeze(-1)
@@ -420,6 +452,61 @@ class HFRolloutEngine:
             finished=finished,
             pooled=emb_sum / emb_count.clamp(min=1)[:, None],
         )
+
+
+def rank_sync(model, device) -> Callable[[int], int] | None:
+    """Max of an int over the ranks that shard ``model`` with FSDP, or None when they need not agree.
+
+    Under FSDP (any sharding but ``NO_SHARD``, > 1 rank) each decoder layer's forward all-gathers
+    its parameter shards: a collective every rank of the unit's process group must join, in the
+    same order. Decoding stops at a per-rank EOS and a per-rank number of sub-batches, so ranks
+    would issue different numbers of forwards (wrong shards paired, then a hang). With this
+    function `HFRolloutEngine` keeps them in lockstep, as transformers' ``generate(synced_gpus=
+    True)`` does for ZeRO-3/FSDP: one 1-element all-reduce per decode step. DDP and one process
+    run no collective in a forward: None.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    group = next(
+        (
+            m.process_group
+            for m in model.modules()
+            if isinstance(m, FullyShardedDataParallel)
+            and m.sharding_strategy != ShardingStrategy.NO_SHARD
+            and dist.get_world_size(m.process_group) > 1
+        ),
+        None,
+    )
+    if group is None:
+        return None
+
+    def max_over_ranks(value: int) -> int:
+        t = torch.tensor([int(value)], dtype=torch.long, device=device)  # NCCL: on the GPU
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t.item())
+
+    return max_over_ranks
+
+
+def _ghost_forward(decoder, device) -> None:
+    """One token through every decoder layer, output unused: a rank with nothing left to decode
+    joins the layers' all-gathers another rank's real forward issues (`rank_sync`)."""
+    decoder(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+
+
+def _ghost_sample(decoder, steps: int, sync: Callable[[int], int], device) -> None:
+    """A sub-batch another rank samples and this one has not: the prefill, then one forward per
+    decode step while any rank still decodes (the collectives of `HFRolloutEngine._sample`)."""
+    for t in range(steps + 1):  # the prefill + up to `steps` decode steps
+        _ghost_forward(decoder, device)
+        if t == 0:
+            continue
+        if t == steps or not sync(0):
+            break
 
 
 ProgressFn = Callable[[int, int, int, float], None]

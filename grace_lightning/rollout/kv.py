@@ -23,6 +23,15 @@ here (the response budget dominates once K is large; the saving is (K-1)/K of th
 A row budget (``HFRolloutEngine(max_rows_per_batch=...)``) or a KV budget (``max_kv_tokens``)
 bounds it further by sampling sub-batches one after another.
 
+KV dtype. Keys are cached in the values' dtype. Under bf16 autocast with fp32 master weights,
+``k_proj`` and ``v_proj`` return bf16, but transformers' rotary embedding builds cos/sin in the
+dtype of the fp32 residual stream, so ``apply_rotary_pos_emb`` hands back fp32 keys: uncast, K
+takes 4 B per element next to V's 2 B (1.5x the bf16 KV). Casting at the cache is free and changes
+no result: autocast's attention (SDPA, or eager's matmuls) casts K to bf16 before using it anyway,
+so the kernels see the same bf16 keys. The other fix, a bf16 copy of the weights for rollouts,
+costs 2 B per parameter and a cast of every weight per rollout batch. Without autocast K and V
+already share the model's dtype and nothing changes.
+
 Only plain full-attention caches are segmented (`supports_segmented_cache`); sliding-window or
 hybrid models fall back to ``DynamicCache`` with per-row copies.
 """
@@ -79,7 +88,12 @@ class SegmentedLayer(CacheLayerMixin):
         return -1
 
     def update(self, key_states, value_states, *args, **kwargs) -> KV:
-        """Append (A, H, q, d) new keys/values; return the assembled (A, H, fixed + n, d) pair."""
+        """Append (A, H, q, d) new keys/values; return the assembled (A, H, fixed + n, d) pair.
+
+        Keys are stored in the values' dtype (module docstring, "KV dtype"): under bf16 autocast
+        with fp32 weights RoPE returns fp32 keys next to bf16 values.
+        """
+        key_states = key_states.to(value_states.dtype)
         q = key_states.size(2)
         if self.rows is None or self.n + q > self.rows[0].size(2):
             cap = max(self.n + q, self.capacity_hint)
@@ -144,6 +158,25 @@ class SegmentedCache(Cache):
 
     def slots(self) -> int:
         return self.layers[0].slots() if self.layers else 0
+
+
+def same_dtype_kv(cache: Cache) -> Cache:
+    """Make every layer of a transformers cache store keys in its values' dtype; returns it.
+
+    For ``DynamicCache`` (per-row copies, sliding-window/hybrid models, the loss pass's
+    shared-prompt cache); `SegmentedLayer` casts by itself. See the module docstring, "KV dtype".
+    """
+    for layer in cache.layers:
+        if isinstance(layer, SegmentedLayer) or getattr(layer, "_same_dtype_kv", False):
+            continue
+        update = layer.update
+
+        def cast_update(key_states, value_states, *args, _update=update, **kwargs):
+            return _update(key_states.to(value_states.dtype), value_states, *args, **kwargs)
+
+        layer.update = cast_update
+        layer._same_dtype_kv = True
+    return cache
 
 
 def num_layers(model) -> int:

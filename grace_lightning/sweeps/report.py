@@ -7,7 +7,8 @@ Offline, a run is any directory under the given path with ``.hydra/config.yaml``
 ``train.py``. The report reads the Hydra group choices (``.hydra/hydra.yaml``), the swept
 overrides (``.hydra/overrides.yaml``), the last value of every metric in ``csv/**/metrics.csv``,
 and the final evaluation's ``eval/scores.json``. Online (``--wandb``, needs the W&B API and
-network), a run's config, summary metrics and command-line overrides come from ``wandb.Api()``.
+network), a run's config (its ``cfg`` and ``choices``), summary metrics and command-line
+overrides come from ``wandb.Api()``; repeat ``--wandb`` to combine sweeps.
 
 Written to ``--out``: ``runs.md`` and ``runs.csv`` (one row per run), and, when the runs vary
 along the axis, ``sup_vs_unsup.png`` (GRACE per backbone, sup vs unsup), ``lambda_heatmap.png``
@@ -177,8 +178,10 @@ def collect_wandb(sweep_path: str) -> list[dict[str, Any]]:  # pragma: no cover 
     for run in sweep.runs:
         args = list((run.metadata or {}).get("args") or [])  # the agent's command-line overrides
         overrides = parse_overrides(args)
+        config = wandb_run_config(run.config)
         choices = {k: v for k, v in overrides.items() if "." not in k}  # group=option
-        cfg = OmegaConf.create(_plain_config(run.config))
+        choices = {**choices, **config["choices"]}  # the Hydra choices the run logged
+        cfg = OmegaConf.create(config["cfg"])
         metrics = {
             k: float(v)
             for k, v in run.summary.items()
@@ -197,7 +200,17 @@ def collect_wandb(sweep_path: str) -> list[dict[str, Any]]:  # pragma: no cover 
     return rows
 
 
-def _plain_config(config: dict[str, Any]) -> dict[str, Any]:  # pragma: no cover - network
+def wandb_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``{"cfg": the resolved config, "choices": the Hydra group choices}`` of a W&B run's config:
+    ``train.py`` logs them under ``cfg`` and ``choices`` (grace_lightning/utils/wandb.py), clear of
+    the sweep parameters at the top level; a run logged before that had the groups at the top."""
+    plain = _plain_config(config)
+    if isinstance(plain.get("cfg"), dict):
+        return {"cfg": plain["cfg"], "choices": dict(plain.get("choices") or {})}
+    return {"cfg": plain, "choices": {}}
+
+
+def _plain_config(config: dict[str, Any]) -> dict[str, Any]:
     """W&B config values may be wrapped as {"value": x, "desc": ...}; dotted keys are nested."""
     out: dict[str, Any] = {}
     for key, value in config.items():
@@ -461,16 +474,21 @@ def build_report(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Gather a sweep's runs into a table and plots.")
     parser.add_argument("path", nargs="?", help="a Hydra multirun dir or an outputs dir")
-    parser.add_argument("--wandb", metavar="ENTITY/PROJECT/SWEEP_ID", help="read a W&B sweep")
+    parser.add_argument(
+        "--wandb",
+        metavar="ENTITY/PROJECT/SWEEP_ID",
+        action="append",
+        help="read a W&B sweep (repeat to combine sweeps, e.g. with sweeps/qwen3_fsdp.yaml's)",
+    )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--metric", default="auto", help="metric to plot (auto: eval/avg, reward)")
     args = parser.parse_args(argv)
     if not args.path and not args.wandb:
         parser.error("give a multirun/outputs dir, --wandb, or both")
     rows = collect_offline(args.path) if args.path else []
-    if args.wandb:
-        rows += collect_wandb(args.wandb)
-    title = args.wandb or str(args.path)
+    for sweep in args.wandb or []:
+        rows += collect_wandb(sweep)
+    title = " + ".join(args.wandb or []) or str(args.path)
     result = build_report(rows, args.out, args.metric, title=f"Sweep report: {title}")
     print((Path(args.out) / "runs.md").read_text(), flush=True)
     print(f"{result['runs']} runs, metric {result['metric']}: {result['table']} | {result['csv']}")

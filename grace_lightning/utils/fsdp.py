@@ -21,7 +21,19 @@ fires), and its ``clip_grad_norm_`` asserts the root is idle. So :class:`GraceFS
 - runs FSDP's end-of-backward bookkeeping after every backward (``post_backward``);
 - accumulates micro-batch gradients sharded (no ``no_sync``: :meth:`block_backward_sync`);
 - clips over all shards (sharded squares summed over ranks + replicated counted once) with
-  :meth:`GraceFSDPStrategy.clip_grad_norm_`, also reachable as ``strategy.model.clip_grad_norm_``.
+  :meth:`GraceFSDPStrategy.clip_grad_norm_`, also reachable as ``strategy.model.clip_grad_norm_``;
+- moves the replicated parts and every buffer outside the layers to the root device before
+  wrapping (:func:`move_outside_layers`): FSDP moves only what it manages to ``device_id`` and
+  Lightning's ``model_to_device`` does nothing under FSDP, so they stayed on the CPU;
+- reduces gradients and keeps buffers in fp32 under ``bf16-mixed``
+  (:attr:`GraceFSDPStrategy.mixed_precision_config`; Lightning builds bf16 for all three);
+- marks the FSDP root right after wrapping: layer units run before the root's first forward
+  (the dev evaluation at train start) would otherwise each mark themselves root.
+
+Rollouts under sharding: each decode step's forward all-gathers every layer, so the rollout
+engine keeps the ranks in lockstep (``rollout.engine.rank_sync``: a rank whose rows ended runs
+one-token forwards while any rank decodes). ``activation_checkpointing`` needs
+``algo.share_prompt=false`` (``config.check_fsdp_activation_checkpointing``). docs/fsdp.md.
 
 ``tests/test_fsdp.py`` checks that GRACE under ``trainer=fsdp_cpu`` ends with the weights of
 ``trainer=ddp_cpu``. It also runs on CPU (gloo): Lightning refuses ``FSDPStrategy`` with
@@ -94,6 +106,9 @@ class GraceFSDPStrategy(FSDPStrategy):
             # layers (embeddings, final norm, LM head) stay whole on every rank
             self.replicated = _params_outside(model, self.layer_classes)
             self.kwargs["ignored_states"] = self.replicated
+            # FSDP moves only what it manages (device_id) and Lightning moves nothing under FSDP
+            # (model_to_device is a no-op): the ignored parts would stay on the CPU
+            move_outside_layers(model, self.layer_classes, self.root_device)
         if self.activation_checkpointing:
             self._activation_checkpointing_kwargs = {
                 "auto_wrap_policy": ModuleWrapPolicy(self.layer_classes)
@@ -117,7 +132,43 @@ class GraceFSDPStrategy(FSDPStrategy):
             # FSDP's root clip_grad_norm_ refuses to run inside the root forward (where GRACE's
             # update runs): callers of `strategy.model.clip_grad_norm_` get ours instead
             wrapped.clip_grad_norm_ = self.clip_grad_norm_
+        if isinstance(wrapped, FullyShardedDataParallel):
+            # FSDP marks its root at the first forward. A layer unit run before that (the dev
+            # evaluation at train start, callbacks/dev_eval.py) would mark itself root, and the
+            # real root's first forward or state dict then asserts ("Non-root FSDP instance's
+            # `_is_root` should not have been set yet"): mark the root now
+            from torch.distributed.fsdp._runtime_utils import _lazy_init
+
+            _lazy_init(wrapped, wrapped)
         return wrapped
+
+    @property
+    def mixed_precision_config(self):
+        """Lightning's config for the precision, with gradients reduced and buffers kept in fp32.
+
+        Lightning builds ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16,
+        buffer_dtype=bf16)`` from ``precision=bf16-mixed``: the reduce-scatter would sum the
+        ranks' gradients in bf16 (8 bits of mantissa) and RoPE's ``inv_freq`` buffer would be
+        cast to bf16. verl's default is ``param_dtype=bf16, reduce_dtype=fp32,
+        buffer_dtype=fp32``; so is this. With low-precision parameters each layer unit also
+        casts its inputs to them (``cast_forward_inputs``): the embeddings outside the units
+        are fp32, and a forward outside Lightning's autocast (the dev evaluation at train
+        start) would otherwise multiply fp32 activations by bf16 weights (an error); the
+        residual stream between layers is then bf16, as in verl, where the embeddings are
+        sharded in bf16 too. An explicit ``mixed_precision=`` argument is used as given.
+        """
+        config = super().mixed_precision_config
+        if config is None or self.mixed_precision:
+            return config
+        from dataclasses import replace
+
+        low = config.param_dtype not in (None, torch.float32)
+        return replace(
+            config,
+            reduce_dtype=torch.float32,
+            buffer_dtype=torch.float32,
+            cast_forward_inputs=low or config.cast_forward_inputs,
+        )
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float | None, norm_type: float = 2.0) -> torch.Tensor:
@@ -236,6 +287,31 @@ def _params_outside(
     return out
 
 
+@torch.no_grad()
+def move_outside_layers(
+    model: torch.nn.Module, classes: set[type[torch.nn.Module]], device: torch.device
+) -> None:
+    """Every parameter and buffer outside the ``classes`` modules to ``device``, in place.
+
+    Each ``Parameter`` keeps its identity (``torch.utils.swap_tensors``, what ``Module.to`` does
+    under ``torch.__future__.set_swap_module_params_on_conversion``, for any pair of devices), so
+    tied weights stay tied and ``GraceFSDPStrategy.replicated`` still lists the model's
+    parameters. Inside the layer units FSDP moves its own parameters and buffers (``device_id``).
+    """
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        for param in module.parameters(recurse=False):
+            if param.device != device:  # a tied weight is moved once
+                moved = torch.nn.Parameter(param.to(device), requires_grad=param.requires_grad)
+                moved.__dict__.update(param.__dict__)  # attributes set on the parameter
+                torch.utils.swap_tensors(param, moved)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.device != device:
+                module._buffers[name] = buf.to(device)
+        stack.extend(c for c in module.children() if not isinstance(c, tuple(classes)))
+
+
 def fsdp_strategy(**kwargs: Any) -> GraceFSDPStrategy:
     """Hydra factory for ``trainer.strategy`` (conf/trainer/fsdp*.yaml)."""
     return GraceFSDPStrategy(**kwargs)
@@ -284,7 +360,7 @@ def unsharded_policy_copy(pl_module, policy_state: dict[str, torch.Tensor]) -> t
     fresh = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
     fresh.generation_config = base.generation_config
     if getattr(pl_module, "peft_cfg", None):
-        from grace_lightning.module import wrap_lora
+        from grace_lightning.models.lora import wrap_lora
 
         fresh = wrap_lora(fresh, pl_module.peft_cfg)
     missing, unexpected = fresh.load_state_dict(policy_state, strict=False)
