@@ -101,7 +101,7 @@ def test_no_micro_batch_runs_more_padded_tokens_than_the_budget(
     model, _ = tiny_backbone
     if checkpointing:
         model = copy.deepcopy(model)
-        model.activation_checkpointing_enable()
+        model.gradient_checkpointing_enable()  # as module.py (the name every transformers 5.x has)
         model.train()
     ro = mixed_batch(model.config.vocab_size)
     plan = plan_of(model, ro, share_prompt)
