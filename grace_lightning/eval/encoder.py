@@ -371,17 +371,28 @@ class GraceEncoder:
             self.model, seqs, system_len, self.tokenizer.pad_token_id, batch_size=len(seqs)
         ).float()
 
+    def _pool_sequences(
+        self, unique: list[str], seqs: list[list[int]], system_len: int, batch_size, show, mode
+    ) -> dict[str, torch.Tensor]:
+        """Each text's sequence pooled after the system prompt, longest first in batches."""
+        order = sorted(range(len(unique)), key=lambda i: -len(seqs[i]))  # by length
+        vecs: dict[str, torch.Tensor] = {}
+        with tqdm(
+            total=len(unique), desc=f"Encoding ({mode})", unit="text", disable=not show
+        ) as bar:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                pooled = self._pool([seqs[i] for i in idx], system_len)
+                vecs.update((unique[i], v) for i, v in zip(idx, pooled))
+                bar.update(len(idx))
+        return vecs
+
     def _encode_base(self, texts, prompter, batch_size, show) -> torch.Tensor:
         unique = list(dict.fromkeys(texts))  # duplicates are encoded once
         prompt_ids = prompter.encode(unique)
-        order = sorted(range(len(unique)), key=lambda i: -len(prompt_ids[i]))  # by length
-        vecs: dict[str, torch.Tensor] = {}
-        with tqdm(total=len(unique), desc="Encoding (base)", unit="text", disable=not show) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                pooled = self._pool([prompt_ids[i] for i in idx], prompter.system_len)
-                vecs.update((unique[i], v) for i, v in zip(idx, pooled))
-                bar.update(len(idx))
+        vecs = self._pool_sequences(
+            unique, prompt_ids, prompter.system_len, batch_size, show, "base"
+        )
         return torch.stack([vecs[t] for t in texts])
 
     def echo_ids(self, prompt_ids: list[int], prompter: ChatPrompter) -> list[int]:
@@ -398,14 +409,7 @@ class GraceEncoder:
         unique = list(dict.fromkeys(texts))
         prompt_ids = prompter.encode(unique)
         seqs = [p + self.echo_ids(p, prompter) for p in prompt_ids]  # prompt + copy
-        order = sorted(range(len(unique)), key=lambda i: -len(seqs[i]))
-        vecs: dict[str, torch.Tensor] = {}
-        with tqdm(total=len(unique), desc="Encoding (echo)", unit="text", disable=not show) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                pooled = self._pool([seqs[i] for i in idx], prompter.system_len)
-                vecs.update((unique[i], v) for i, v in zip(idx, pooled))
-                bar.update(len(idx))
+        vecs = self._pool_sequences(unique, seqs, prompter.system_len, batch_size, show, "echo")
         copies = {
             t: self.tokenizer.decode(s[len(p) :], skip_special_tokens=True)
             for t, p, s in zip(unique, prompt_ids, seqs)
