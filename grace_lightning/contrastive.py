@@ -21,12 +21,14 @@ negatives come from that per-rank batch; nothing is gathered across ranks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Timer
 from torch import Tensor
 
 from grace_lightning.embedding import masked_mean_pool
@@ -195,9 +197,17 @@ class ContrastiveModule(L.LightningModule):
             eps=o.get("eps", 1e-8),
         )
         total = self.trainer.estimated_stepping_batches  # inf without max_steps/max_epochs
-        factor = lr_factor(self.lr_schedule, self.warmup_steps, total)
+        factor = lr_factor(self.lr_schedule, self.warmup_steps, total, self._budget_left)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _budget_left(self) -> float | None:
+        """Fraction of ``trainer.max_time`` still left (Lightning's Timer, whose elapsed time
+        survives a resume), or None without a time budget."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer._duration is None:
+            return None
+        return 1.0 - timer.time_elapsed("train") / timer._duration
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -252,15 +262,30 @@ def check_args(objective: str, data_mode: str | None, tau: float, lr_schedule: s
         raise ConfigError(f"model.lr_schedule={lr_schedule!r}: use constant or linear")
 
 
-def lr_factor(schedule: str, warmup_steps: int, total_steps: float):
+def lr_factor(
+    schedule: str,
+    warmup_steps: int,
+    total_steps: float,
+    budget_left: Callable[[], float | None] | None = None,
+):
     """Multiplier of the base lr at each optimiser step: linear warmup, then constant or linear
-    decay to 0 at ``total_steps`` (HF Trainer's default schedule, which SimCSE uses)."""
+    decay to 0 (HF Trainer's default schedule, which SimCSE uses). The decay ends at
+    ``total_steps`` or, under a wall-time budget (``trainer.max_time``), when the budget ends,
+    whichever comes first: ``budget_left()`` is the fraction of the budget still left (None: no
+    budget). A run stopped by ``max_time`` thus always ends its decay at lr 0, whatever the
+    machine's speed, instead of being cut mid-schedule or decaying too early."""
 
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        if schedule == "constant" or not (0 < total_steps < float("inf")):
+        if schedule == "constant":
             return 1.0
-        return max(0.0, (total_steps - step) / max(1.0, total_steps - warmup_steps))
+        left = []
+        if 0 < total_steps < float("inf"):
+            left.append((total_steps - step) / max(1.0, total_steps - warmup_steps))
+        by_time = budget_left() if budget_left is not None else None
+        if by_time is not None:
+            left.append(by_time)
+        return max(0.0, min(left)) if left else 1.0
 
     return factor

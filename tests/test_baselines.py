@@ -71,6 +71,43 @@ def test_lr_schedule_decays_linearly_to_zero():
     assert lr_factor("constant", 0, 4)(3) == 1.0
 
 
+def test_lr_schedule_ends_with_the_wall_time_budget():
+    """Under ``trainer.max_time`` the linear decay follows the budget's remaining fraction when
+    that is smaller than the step-based one (a slow machine reaches lr 0 at the budget's end),
+    and the step count when that binds first (a fast machine)."""
+    left = [1.0]
+    f = lr_factor("linear", 0, float("inf"), lambda: left[0])  # no max_steps: time alone
+    left[0] = 0.3
+    assert f(5) == pytest.approx(0.3)
+    left[0] = -0.1  # past the budget (the last step's scheduler call): clamped
+    assert f(6) == 0.0
+    f = lr_factor("linear", 0, 10, lambda: 0.9)  # steps bind: 10% of the budget, half the steps
+    assert f(5) == pytest.approx(0.5)
+    f = lr_factor("linear", 0, 10, lambda: 0.2)  # time binds
+    assert f(1) == pytest.approx(0.2)
+    assert lr_factor("linear", 0, 10, lambda: None)(5) == 0.5  # no Timer: steps only
+    assert lr_factor("constant", 0, 10, lambda: 0.1)(5) == 1.0
+
+
+def test_contrastive_lr_follows_the_timer(monkeypatch):
+    """``ContrastiveModule._budget_left`` reads Lightning's Timer (whose elapsed time a resume
+    restores): the lr its scheduler sets is the base lr x the budget left."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from grace_lightning.contrastive import ContrastiveModule
+
+    timer = Timer(duration={"minutes": 10})
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": 450.0)  # 7.5 of 10 min
+    module = ContrastiveModule.__new__(ContrastiveModule)
+    fake = SimpleNamespace(callbacks=[timer])
+    monkeypatch.setattr(ContrastiveModule, "trainer", property(lambda self: fake))
+    assert module._budget_left() == pytest.approx(0.25)
+    fake.callbacks = []
+    assert module._budget_left() is None
+
+
 def test_dropout_makes_two_encodings_of_the_same_text_differ():
     model, _ = load_backbone(BackboneConfig(name="tiny", source="tiny"))
     ids = torch.randint(0, 1000, (2, 12))

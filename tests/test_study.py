@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from grace_lightning.study.stages import (
     StudyConfigError,
     budget_lines,
     check_rows,
+    has_weights,
     plan,
     run_study,
     selected_rows,
@@ -45,6 +47,7 @@ def study_cfg(tmp_path: Path, *overrides: str):
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.log_dir = str(tmp_path)
+        cfg.record_dir = str(tmp_path / "records")  # never the repo's results/
     return cfg
 
 
@@ -418,6 +421,7 @@ def v3_cfg(tmp_path: Path, *overrides: str):
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
         cfg.paths.log_dir = str(tmp_path)
+        cfg.record_dir = str(tmp_path / "records")  # never the repo's results/
     return cfg
 
 
@@ -440,6 +444,18 @@ def test_v3_every_stage_composes_and_validates(tmp_path):
     assert len(trains) == 6 + 10 * 3  # 6 sweep runs, 10 trained arms x 3 seeds
     assert len(evals) == 2 + 12 * 3  # Base, w/ reasoning once; 12 evaluated arms x 3 seeds
     assert not [s for s in stages if s.kind == "general"]  # the proxy is left out (v3)
+    # seed-major: sweeps, untrained rows, then every stage of seed 0 before any of seed 1, ...
+    seeds = [arm_of(s.row)[1] for s in stages if not s.row.startswith("sweeps/")]
+    seeds = [x for x in seeds if x is not None]
+    assert seeds == sorted(seeds) and set(seeds) == {0, 1, 2}
+    names = [s.row for s in stages]
+    assert (
+        names.index("infonce/seed0")
+        < names.index("infonce_more/seed0")
+        < names.index("two_stage/seed0")
+        < names.index("simcse/seed0")
+        < names.index("infonce/seed1")
+    )
     for stage in trains:
         overrides = [
             o.replace("<chosen-by-sweep-infonce>", "5e-05").replace(
@@ -453,12 +469,14 @@ def test_v3_every_stage_composes_and_validates(tmp_path):
         arm, seed = arm_of(stage.row)
         if stage.row.startswith("sweeps/"):
             assert [t.name for t in cfg.callbacks.dev_eval.tasks] == ["stsb_train", "sick_train"]
-            assert cfg.seed == 0 and cfg.trainer.max_steps == 17
+            assert cfg.seed == 0 and cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs == -1
             continue
         assert cfg.seed == seed, stage.row
         row = study.rows[arm]
         if row.group == "contrastive":
-            assert cfg.trainer.max_steps == int(5 * 3.5), stage.row  # the schedule = the budget
+            # no step/epoch cap: the 5-minute budget ends the run and its lr decay
+            assert cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs == -1, stage.row
+            assert cfg.trainer.max_time == "00:00:05:00"
             assert cfg.data.prompts_per_step == 32 and cfg.data.max_examples is None
         else:
             assert cfg.trainer.max_steps == 400  # a cap; the 5 minutes bind
@@ -589,12 +607,12 @@ def test_tiny_v3_study_two_arms_two_seeds_killed_and_resumed(tmp_path):
         "only=[infonce_echo]",
         "seeds=[0,1]",
         "sweeps.infonce.lrs=[0.001]",
-        "contrastive_steps_per_minute=0.4",  # 5 min x 0.4 = 2 steps
         "max_new_tokens=4",
         "primary.tasks=[LocalSTS12,LocalSTS13]",
         "claims=[{name:echo_vs_infonce,a:infonce_echo,b:infonce}]",
         "bootstrap.n=50",
-        "train_extra=['data.max_examples=16','data.prompts_per_step=4',"
+        f"record_dir={tmp_path / 'records'}",
+        "train_extra=['trainer.max_steps=2','data.max_examples=16','data.prompts_per_step=4',"
         "'callbacks.dev_eval.max_samples=4','callbacks.model_checkpoint.every_n_rollout_batches=1']",
         "eval_extra=['tasks=[LocalSTS12,LocalSTS13]','eval.max_samples=8','precision=fp32']",
     ]
@@ -660,3 +678,30 @@ def test_tiny_v3_study_two_arms_two_seeds_killed_and_resumed(tmp_path):
     before = all_attempts()
     run_study(cfg)
     assert all_attempts() == before  # nothing redone
+
+    # A fresh clone / machine: out_dir is gone, the records (tracked in git) are there. Every
+    # finished stage is restored from them and nothing runs again; the CPU is on record.
+    records = tmp_path / "records"
+    assert not list(records.rglob("*.safetensors")) and not list(records.rglob("*.ckpt"))
+    assert json.loads((records / "infonce/seed0/train/DONE.json").read_text())["cpu"]
+    shutil.rmtree(out)
+    run_study(cfg)
+    assert all_attempts() == before
+    assert json.loads((tmp_path / "report" / "seeds.json").read_text())["claims"][0][
+        "diffs"
+    ] == pytest.approx(want)
+    from grace_lightning.study.v3 import chosen_lr
+
+    assert chosen_lr(cfg, "infonce") == 0.001  # the sweep's choice, from its records
+
+    # ... but a stage that loads a model whose weights are gone (here: seed 1's echo evaluation,
+    # unfinished on the new machine) makes its training and that training's lineage run again.
+    shutil.rmtree(out)
+    shutil.rmtree(records / "infonce_echo/seed1/eval")
+    run_study(cfg)
+    assert attempts("infonce/seed1/train") == 1 and attempts("infonce/seed1/eval") == 1
+    assert (out / "infonce/seed1/train/DONE.json").is_file() and has_weights(
+        out / "infonce/seed1/train"
+    )
+    assert (out / "infonce_echo/seed1/eval/DONE.json").is_file()
+    assert not has_weights(out / "infonce/seed0/train")  # seed 0's lineage is whole: not redone

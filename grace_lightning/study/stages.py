@@ -266,7 +266,7 @@ def train_argv(
 ) -> list[str]:
     """``train.py`` overrides: shared, speed-ups, dev, then the row's group, then the row's own,
     then its budget and start point, then extras."""
-    from grace_lightning.study.v3 import chosen_lr, contrastive_max_steps
+    from grace_lightning.study.v3 import chosen_lr
 
     overrides = [
         f"backbone={cfg.base_model}",
@@ -277,9 +277,6 @@ def train_argv(
         *_list(cfg, f"{row['group']}_overrides"),
     ]
     minutes = row_minutes(cfg, row)
-    steps = contrastive_max_steps(cfg, minutes) if row["group"] == "contrastive" else None
-    if steps is not None:  # v3: the linear decay ends with the budget (before the row's own)
-        overrides.append(f"trainer.max_steps={steps}")
     if row.get("lr_from") is not None:  # v3: the sweep's choice (before the row's own keys)
         lr = chosen_lr(cfg, row["lr_from"])
         overrides.append(
@@ -501,8 +498,28 @@ def run_subprocess(stage: Stage) -> None:
         "seconds_all_attempts": round(sum(a["seconds"] for a in attempts), 1),
         "attempts": len(attempts),
         "finished_at": time.strftime("%FT%T"),
+        "cpu": cpu_name(),
     }
     atomic_write(stage.done_file, lambda f: f.write(json.dumps(done, indent=2) + "\n"), mode="w")
+
+
+def cpu_name() -> str:
+    """``"AMD EPYC, 2 cores, avx512_bf16"``: the machine a stage ran on (wall-time budgets buy
+    different work on different CPUs; the report groups seeds by it)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or model
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return ", ".join([model, f"{os.cpu_count()} cores", *bf16[:1]])
 
 
 def write_samples(cfg: DictConfig, stage: Stage, rows: Mapping[str, Any]) -> None:
@@ -542,10 +559,16 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
     """Run every unfinished stage of ``rows`` in order; returns the plan. Stops at the first
     failure."""
     stages = plan(cfg, rows)
+    if not cfg.get("dry_run"):
+        restored = restore_records(cfg, stages)
+        if restored:
+            log.info("%d finished stage(s) restored from %s", restored, _record_dir(cfg))
+        redo_lost_lineages(cfg, stages, rows)
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.row}/{stage.kind}"
         if stage.done:
             log.info("%s: done (%s), skipped", tag, stage.done_file)
+            record_stage(cfg, stage)
             drop_checkpoints(cfg, stage)
             continue
         if cfg.get("dry_run"):
@@ -572,8 +595,131 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
         else:
             run_subprocess(stage)
         log.info("%s: finished in %.0f s", tag, time.time() - t0)
+        record_stage(cfg, stage)
         drop_checkpoints(cfg, stage)
     return stages
+
+
+# ---------------------------------------------------------------------------- records
+# A finished stage's small outputs (what the report and the sweep choice read), copied to
+# ``record_dir`` (tracked in git): a study that spans sessions or machines resumes from a fresh
+# clone, where ``out_dir`` (weights, checkpoints, caches) is gone.
+RECORD_GLOBS = (
+    DONE,
+    ATTEMPTS,
+    "scores.json",
+    "per_example.json",
+    "results.md",
+    "samples.json",
+    "general.json",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+    "csv/version_*/metrics.csv",
+)
+
+
+def _record_dir(cfg: DictConfig) -> Path | None:
+    rec = cfg.get("record_dir")
+    return Path(rec) if rec else None
+
+
+def _stage_files(stage: Stage) -> list[Path]:
+    if stage.kind == "samples":
+        return [stage.done_file] if stage.done else []
+    return sorted({p for g in RECORD_GLOBS for p in stage.dir.glob(g) if p.is_file()})
+
+
+def record_stage(cfg: DictConfig, stage: Stage) -> None:
+    """Copy a finished stage's small outputs to ``record_dir`` (same relative paths)."""
+    rec, out = _record_dir(cfg), Path(cfg.out_dir)
+    if rec is None or not stage.done:
+        return
+    for src in _stage_files(stage):
+        dst = rec / src.relative_to(out)
+        if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+
+
+def restore_records(cfg: DictConfig, stages: list[Stage]) -> int:
+    """Stages finished in ``record_dir`` but not in ``out_dir`` (a fresh clone or machine):
+    copy their records back so that they count as done. Returns how many."""
+    rec, out = _record_dir(cfg), Path(cfg.out_dir)
+    if rec is None or not rec.is_dir():
+        return 0
+    n = 0
+    for stage in stages:
+        rel = stage.done_file.relative_to(out)
+        if stage.done or not (rec / rel).is_file():
+            continue
+        src_dir = rec / (rel if stage.kind == "samples" else stage.dir.relative_to(out))
+        files = (
+            [src_dir] if stage.kind == "samples" else [p for p in src_dir.rglob("*") if p.is_file()]
+        )
+        for f in files:
+            dst = out / f.relative_to(rec)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst)
+        n += 1
+    return n
+
+
+def has_weights(train_dir: Path) -> bool:
+    export = train_dir / "export"
+    return any(export.glob("*.safetensors")) or any(export.glob("*.bin"))
+
+
+def redo_lost_lineages(cfg: DictConfig, stages: list[Stage], rows: Mapping[str, Any]) -> list[str]:
+    """A finished training whose weights are gone (restored from records) while a stage that
+    loads them (its own evaluation, a row that starts from it or evaluates it) is unfinished:
+    the training and every finished stage of its lineage run again, so that each paired result
+    comes from one model. The old stage dirs are kept as ``<dir>.superseded-<time>`` and their
+    records removed (git keeps them). Returns the rows redone."""
+    out, rec = Path(cfg.out_dir), _record_dir(cfg)
+    children: dict[str, set[str]] = {}
+    for name, row in rows.items():
+        for key in ("init_from", "eval_of"):
+            if row.get(key) is not None:
+                children.setdefault(row[key], set()).add(name)
+    by_row: dict[str, list[Stage]] = {}
+    for st in stages:
+        by_row.setdefault(st.row, []).append(st)
+    redone: list[str] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for st in stages:
+        if st.kind != "train" or not st.done or has_weights(st.dir) or st.row in redone:
+            continue
+        lineage, todo = [st.row], [st.row]
+        while todo:
+            for c in sorted(children.get(todo.pop(), ())):
+                if c not in lineage:
+                    lineage.append(c)
+                    todo.append(c)
+        needs = [x for r in lineage for x in by_row.get(r, []) if x is not st and not x.done]
+        if not needs:
+            continue
+        log.warning(
+            "%s: finished, but its weights are gone (restored from %s) and %s still need them: "
+            "redoing %s",
+            st.row,
+            rec,
+            ", ".join(f"{x.row}/{x.kind}" for x in needs),
+            ", ".join(lineage),
+        )
+        for r in lineage:
+            for x in by_row.get(r, []):
+                if not x.done:
+                    continue
+                target = x.done_file if x.kind == "samples" else x.dir
+                target.rename(target.with_name(f"{target.name}.superseded-{stamp}"))
+                if rec is not None:
+                    old = rec / target.relative_to(out)
+                    if old.is_dir():
+                        shutil.rmtree(old)
+                    elif old.is_file():
+                        old.unlink()
+        redone += lineage
+    return redone
 
 
 def drop_checkpoints(cfg: DictConfig, stage: Stage) -> None:

@@ -13,9 +13,12 @@ Config keys on top of v2's (``conf/study.yaml``):
   (seed ``seed``), scored by the LAST logged ``metric`` of its run (the dev callback at the end
   of training, on ``dev_overrides``' data); a row with ``lr_from: <name>`` trains with the best
   lr. The sweep runs first; its choice is written to ``<out_dir>/sweeps/<name>/chosen.json``.
-- ``contrastive_steps_per_minute``: the contrastive rows' ``trainer.max_steps`` is set to
-  ``minutes x`` this rate, so that the linear lr decay ends when the budget does (measured; the
-  wall-time budget still stops a slower run).
+- The contrastive rows train until the budget ends (``contrastive_overrides``: no step or epoch
+  cap), and their linear lr decay ends with it: ``ContrastiveModule``'s schedule follows the
+  fraction of ``trainer.max_time`` left, whatever the machine's speed.
+- Run order is seed-major: the sweeps, the untrained rows, then every arm of seed 0, then of seed
+  1, ...: a seed's arms run back to back (on one machine, when a study spans sessions), so a
+  seed-paired difference compares runs of the same conditions. ``DONE.json`` records the CPU.
 - ``primary: {name, tasks}``: the metric fixed before the run (mean main score over ``tasks``).
 - ``claims``: ``[{name, a, b}]``: "arm a beats arm b" on the primary metric, judged by the
   seed-level interval of the paired differences.
@@ -66,12 +69,13 @@ def expand_seeds(cfg: DictConfig, rows: Mapping[str, Any]) -> dict[str, dict[str
     seeds = seeds_of(cfg)
     if not seeds:
         return dict(rows)
-    out: dict[str, dict[str, Any]] = {}
-    for name, row in rows.items():
-        if not is_seeded(row):
-            out[name] = dict(row)
-            continue
-        for s in seeds:
+    out: dict[str, dict[str, Any]] = {
+        name: dict(row) for name, row in rows.items() if not is_seeded(row)
+    }
+    for s in seeds:  # seed-major: every arm of seed 0 (in dependency order), then seed 1, ...
+        for name, row in rows.items():
+            if not is_seeded(row):
+                continue
             inst = dict(row)
             inst["arm"], inst["seed"] = name, s
             inst["label"] = f"{row['label']} (seed {s})"
@@ -137,13 +141,6 @@ def chosen_lr(cfg: DictConfig, sweep: str, write: bool = False) -> float | None:
             json.dumps({"metric": metric, "scores": scores, "chosen_lr": best}, indent=2) + "\n"
         )
     return best
-
-
-def contrastive_max_steps(cfg: DictConfig, minutes: float | None) -> int | None:
-    rate = cfg.get("contrastive_steps_per_minute")
-    if rate is None or minutes is None:
-        return None
-    return max(1, int(float(rate) * float(minutes)))
 
 
 # ---------------------------------------------------------------------------- estimate
