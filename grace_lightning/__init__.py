@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from grace_lightning.schema import register as _register_schemas  # noqa: E402
+
+_register_schemas()  # the typed config groups (conf/<group>/*.yaml: defaults: [schema])
+
 _LAZY = {
     "GraceEncoder": ("grace_lightning.eval.encoder", "GraceEncoder"),
     "GenerationSettings": ("grace_lightning.eval.encoder", "GenerationSettings"),

@@ -14,25 +14,11 @@ from grace_lightning.presets import experiment_choice
 
 # Numeric knobs and their type: "int", "float" (an int is fine), "?" suffix = null allowed.
 # Keys that are absent from the composed config are not checked (e.g. algo keys of other
-# methods); a key that is present must have the type.
+# methods); a key that is present must have the type. The groups with a typed schema
+# (grace_lightning/schema.py: optim, rollout) are checked by Hydra when it composes.
 NUMERIC_KEYS: dict[str, str] = {
     "seed": "int?",
     "prompt.max_prompt_tokens": "int",
-    "optim.lr": "float",
-    "optim.weight_decay": "float",
-    "optim.eps": "float",
-    "optim.grad_clip": "float?",
-    "rollout.num_generations": "int",
-    "rollout.temperature": "float",
-    "rollout.anchor_temperature": "float",
-    "rollout.max_new_tokens": "int",
-    "rollout.top_p": "float",
-    "rollout.top_k": "int",
-    "rollout.vllm.gpu_memory_utilization": "float",
-    "rollout.vllm.kv_cache_gb": "int",
-    "rollout.vllm.max_model_len": "int?",
-    "rollout.vllm.tis_cap": "float?",
-    "rollout.vllm.score_rows": "int?",
     "reward.tau": "float",
     "reward.lambda_consistency": "float",
     "reward.lambda_hard": "float",
@@ -73,10 +59,6 @@ NUMERIC_KEYS: dict[str, str] = {
     "model.max_text_tokens": "int?",
 }
 BOOL_KEYS = (
-    "rollout.ignore_eos",
-    "rollout.vllm.enforce_eager",
-    "rollout.vllm.enable_prefix_caching",
-    "rollout.vllm.sleep",
     "algo.share_prompt",
     "algo.dynamic_sampling",
     "algo.contrastive_in_batch",

@@ -37,6 +37,7 @@ from grace_lightning.export.policy import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rollout.engine import left_pad, pooling_mask, positions_from_mask
+from grace_lightning.schema import OptimConfig, typed
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,10 @@ class ContrastiveModule(L.LightningModule):
         check_args(objective, data_mode, tau, lr_schedule)
         self.objective, self.tau = objective, float(tau)
         self.backbone_cfg = BackboneConfig(**dict(backbone))
-        self.prompt_cfg, self.optim_cfg = dict(prompt), dict(optim)
+        self.prompt_cfg, self.optim_cfg = dict(prompt), typed(OptimConfig, optim)
         self.lr_schedule, self.warmup_steps = lr_schedule, int(warmup_steps)
         self.policy, self.tokenizer = load_backbone(self.backbone_cfg)
-        if self.optim_cfg.get("master_weights_fp32", True) and self.policy.dtype != torch.float32:
+        if self.optim_cfg.master_weights_fp32 and self.policy.dtype != torch.float32:
             self.policy.float()  # fp32 master weights; compute runs in bf16 under autocast
         self.dropout_cfg = dict(dropout or {})
         enable_dropout(
@@ -191,10 +192,10 @@ class ContrastiveModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params,
-            lr=o["lr"],
-            weight_decay=o.get("weight_decay", 0.0),
-            betas=tuple(o.get("betas", (0.9, 0.999))),
-            eps=o.get("eps", 1e-8),
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            eps=o.eps,
         )
         total = self.trainer.estimated_stepping_batches  # inf without max_steps/max_epochs
         factor = lr_factor(self.lr_schedule, self.warmup_steps, total, self._budget_left)
@@ -212,7 +213,7 @@ class ContrastiveModule(L.LightningModule):
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ):
-        clip = gradient_clip_val or self.optim_cfg.get("grad_clip")
+        clip = gradient_clip_val or self.optim_cfg.grad_clip
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 from grace_lightning.export.policy import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
@@ -41,6 +42,7 @@ from grace_lightning.rl.joint import JointTargets
 from grace_lightning.rl.precision import autocast_off
 from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
+from grace_lightning.schema import OptimConfig, RolloutConfig, typed
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,13 @@ class GraceModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False  # several PPO mini-batch steps per rollout batch
         self.backbone_cfg = BackboneConfig(**dict(backbone))
-        self.prompt_cfg, self.rollout_cfg = dict(prompt), dict(rollout)
-        self.reward_cfg, self.algo_cfg, self.optim_cfg = dict(reward), dict(algo), dict(optim)
+        self.prompt_cfg = dict(prompt)
+        self.rollout_cfg = rollout = typed(RolloutConfig, rollout)  # defaults: the schema's
+        self.optim_cfg = typed(OptimConfig, optim)
+        self.reward_cfg, self.algo_cfg = dict(reward), dict(algo)
         self.logging_cfg = dict(logging_cfg or {})
         self.policy, self.tokenizer = load_backbone(self.backbone_cfg)
-        if self.optim_cfg.get("master_weights_fp32", True) and self.policy.dtype != torch.float32:
+        if self.optim_cfg.master_weights_fp32 and self.policy.dtype != torch.float32:
             # bf16 weights would swallow lr=1e-6 updates; compute runs in bf16 under autocast
             self.policy.float()
         if gradient_checkpointing:
@@ -82,30 +86,30 @@ class GraceModule(L.LightningModule):
         self.engine = HFRolloutEngine(
             self.policy,
             self.tokenizer,
-            max_new_tokens=rollout["max_new_tokens"],
-            top_p=rollout.get("top_p", 1.0),
-            top_k=rollout.get("top_k", 0),
-            ignore_eos=rollout.get("ignore_eos", False),
-            max_rows_per_batch=rollout.get("max_rows_per_batch"),
-            max_kv_tokens=rollout.get("max_kv_tokens"),
-            share_prompt_kv=rollout.get("share_prompt_kv", True),
-            share_prefix=rollout.get("share_prefix", True),
+            max_new_tokens=rollout.max_new_tokens,
+            top_p=rollout.top_p,
+            top_k=rollout.top_k,
+            ignore_eos=rollout.ignore_eos,
+            max_rows_per_batch=rollout.max_rows_per_batch,
+            max_kv_tokens=rollout.max_kv_tokens,
+            share_prompt_kv=rollout.share_prompt_kv,
+            share_prefix=rollout.share_prefix,
             max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
-            progress_every=rollout.get("progress_every", 16),
+            progress_every=rollout.progress_every,
         )
-        if rollout.get("engine", "hf") == "vllm":  # colocated vLLM (rollout/vllm_engine.py)
+        if rollout.engine == "vllm":  # colocated vLLM (rollout/vllm_engine.py)
             from grace_lightning.rollout.vllm_engine import VLLMRolloutEngine, vllm_model_path
 
             self.engine = VLLMRolloutEngine(
                 self.policy,
                 self.tokenizer,
                 vllm_model_path(self.backbone_cfg, self.policy, self.tokenizer),
-                max_new_tokens=rollout["max_new_tokens"],
-                top_p=rollout.get("top_p", 1.0),
-                top_k=rollout.get("top_k", 0),
-                ignore_eos=rollout.get("ignore_eos", False),
+                max_new_tokens=rollout.max_new_tokens,
+                top_p=rollout.top_p,
+                top_k=rollout.top_k,
+                ignore_eos=rollout.ignore_eos,
                 max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
-                vllm=rollout.get("vllm"),
+                vllm=OmegaConf.to_container(rollout.vllm),
             )
         self._synced_step: int | None = None  # global_step whose weights the engine holds
         self.last_weight_sync_s = 0.0
@@ -136,10 +140,10 @@ class GraceModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         return torch.optim.AdamW(
             params,
-            lr=o["lr"],
-            weight_decay=o.get("weight_decay", 0.01),
-            betas=tuple(o.get("betas", (0.9, 0.999))),
-            eps=o.get("eps", 1e-8),
+            lr=o.lr,
+            weight_decay=o.weight_decay,
+            betas=tuple(o.betas),
+            eps=o.eps,
         )
 
     def _step_seed(self) -> int:
@@ -332,7 +336,7 @@ class GraceModule(L.LightningModule):
             return {}, None
         from grace_lightning.rollout.vllm_engine import sampler_metrics, tis_weights
 
-        cap = (self.rollout_cfg.get("vllm") or {}).get("tis_cap")
+        cap = self.rollout_cfg.vllm.tis_cap
         m = sampler_metrics(ro.logprobs, ro.sampler_logprobs, ro.response_mask, cap)
         w = tis_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask, cap) if cap else None
         return m, w
