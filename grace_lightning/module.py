@@ -15,6 +15,10 @@ The update (mini-batches, micro-batches, loss normalisers, skipped steps) lives 
 ``rl/update.py``; this module gives it Lightning's backward, DDP/FSDP collectives and clipping
 (``update_hooks``). Rewards and advantages run with autocast off (fp32 under bf16-mixed), and
 logged metrics use TRL's names over the gathered batch of every rank.
+
+The advantage estimator (``algo.advantage``) and the reward terms (``reward.terms``) are Hydra
+``_target_``s resolved by ``rl/targets.py``: this module builds the inputs they name and calls
+them (docs/extending.md); it knows none of them by name.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from grace_lightning.rl import rewards as reward_fns
 from grace_lightning.rl.diagnostics import collapse_metrics
 from grace_lightning.rl.joint import JointTargets
 from grace_lightning.rl.precision import autocast_off
+from grace_lightning.rl.targets import needed_inputs, resolve_advantage, score_terms
+from grace_lightning.rl.targets import resolve_terms as resolve_reward_terms
 from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
 from grace_lightning.schema import OptimConfig, RolloutConfig, typed
@@ -70,6 +76,11 @@ class GraceModule(L.LightningModule):
         self.optim_cfg = typed(OptimConfig, optim)
         self.reward_cfg, self.algo_cfg = dict(reward), dict(algo)
         self.logging_cfg = dict(logging_cfg or {})
+        # the pluggable parts (rl/targets.py), resolved before any weights load
+        self.estimator = resolve_advantage(self.algo_cfg.get("advantage"))
+        self.reward_terms = resolve_reward_terms(self.reward_cfg)
+        self.term_inputs = needed_inputs(self.reward_terms)  # what compute_rewards must build
+        self._greedy_completions: list[str] | None = None  # ReMax rationales, if a term reads text
         self.policy, self.tokenizer = load_backbone(self.backbone_cfg)
         if self.optim_cfg.master_weights_fp32 and self.policy.dtype != torch.float32:
             # bf16 weights would swallow lr=1e-6 updates; compute runs in bf16 under autocast
@@ -187,10 +198,15 @@ class GraceModule(L.LightningModule):
         with autocast_off():  # reward, advantage and loss arithmetic never in bf16
             policy_emb = rollouts.embeddings.view(b, k, -1).float()  # (B, K, D)
             truncated = rollouts.truncated.view(b, k)  # (B, K)
-            terms = self.compute_rewards(policy_emb, anchors)  # each (B, K), as GRPO's
+            text = self.text_inputs(batch, rollouts)  # {} unless a reward term reads text
+            terms = self.compute_rewards(policy_emb, anchors, **text)  # each (B, K), as GRPO's
             lengths = rollouts.lengths.view(b, k)  # (B, K) response tokens (soft length rule)
             rewards, loss_weight = self._truncate(terms["total"], truncated, lengths)  # (B, K)
-            baseline = self.remax_baseline(policy_emb, anchors) if self._remax else None  # (B,)
+            baseline = (  # (B,) e.g. ReMax: the estimator declares needs_greedy_baseline
+                self.greedy_baseline(policy_emb, anchors, **text)
+                if self.estimator.needs_greedy_baseline
+                else None
+            )
             # over the GLOBAL batch, then this rank's groups: batch-normalising estimators
             # (scale_rewards=batch, REINFORCE++) see what a single process would see
             glob_rewards = self._gather(rewards)
@@ -263,7 +279,8 @@ class GraceModule(L.LightningModule):
         rollouts, anchors = self.rollout(batch)
         b = len(rollouts.prompt_ids)
         with autocast_off():
-            terms = self.compute_rewards(rollouts.embeddings.view(b, k, -1).float(), anchors)
+            emb = rollouts.embeddings.view(b, k, -1).float()
+            terms = self.compute_rewards(emb, anchors, **self.text_inputs(batch, rollouts))
             rewards, _ = self._truncate(
                 terms["total"], rollouts.truncated.view(b, k), rollouts.lengths.view(b, k)
             )
@@ -287,7 +304,8 @@ class GraceModule(L.LightningModule):
             if self.reward_cfg["mode"] == "sup"
             else list(texts)
         )
-        greedy = list(texts) if self._remax else []  # ReMax: one greedy rollout per prompt
+        # ReMax: one greedy rollout per prompt (the estimator declares needs_greedy_baseline)
+        greedy = list(texts) if self.estimator.needs_greedy_baseline else []
         prompts = self.prompter.encode(list(texts) + anchor_texts + greedy)
         counts = [k] * b + [1] * (len(anchor_texts) + len(greedy))
         temps = [r["temperature"]] * b + [r["anchor_temperature"]] * len(anchor_texts)
@@ -305,11 +323,19 @@ class GraceModule(L.LightningModule):
         rows = b * k
         policy = _select_rows(out, torch.arange(rows, device=out.row_to_prompt.device), b)
         anchor_emb = out.embeddings[rows : rows + len(anchor_texts)]  # (A, D), anchor_texts order
-        anchors: dict[str, torch.Tensor] = {}
+        # the policy rows' lengths and truncation flags, (B, K): reward terms may read them
+        anchors: dict[str, torch.Tensor] = {
+            "lengths": policy.lengths.view(b, k),
+            "truncated": policy.truncated.view(b, k),
+        }
         if greedy:
-            anchors["greedy"] = out.embeddings[rows + len(anchor_texts) :]  # (B, D)
-            anchors["greedy_truncated"] = out.truncated[rows + len(anchor_texts) :]  # (B,)
-            anchors["greedy_lengths"] = out.lengths[rows + len(anchor_texts) :]  # (B,)
+            start = rows + len(anchor_texts)
+            anchors["greedy"] = out.embeddings[start:]  # (B, D)
+            anchors["greedy_truncated"] = out.truncated[start:]  # (B,)
+            anchors["greedy_lengths"] = out.lengths[start:]  # (B,)
+            if "completions" in self.term_inputs:  # decoded only when a reward term reads text
+                g = torch.arange(start, len(out.row_to_prompt), device=out.row_to_prompt.device)
+                self._greedy_completions = _select_rows(out, g, 0).response_texts(self.tokenizer)
         if self.reward_cfg["mode"] == "sup":
             anchors["query"] = anchor_emb[:b]
             anchors["negatives"] = _pad_negatives(
@@ -341,38 +367,66 @@ class GraceModule(L.LightningModule):
         w = tis_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask, cap) if cap else None
         return m, w
 
-    @property
-    def _remax(self) -> bool:
-        return self.algo_cfg.get("advantage", "grpo") == "remax"
-
     # ------------------------------------------------------------------ 2. reward
-    def compute_rewards(self, policy_emb: torch.Tensor, anchors: dict) -> dict[str, torch.Tensor]:
-        """Reward terms over the GLOBAL batch (hard negatives come from every rank's groups)."""
-        c = self.reward_cfg
-        b = policy_emb.size(0)
-        policy_all = self._gather(policy_emb)  # (B_global, K, D)
-        kw = dict(
-            lambda_consistency=c["lambda_consistency"], lambda_hard=c["lambda_hard"], tau=c["tau"]
-        )
-        if c["mode"] == "sup":
-            query, negs = self._gather(anchors["query"]), self._gather(anchors["negatives"])
-            if c.get("objective", "grace") == "infonce":
-                terms = reward_fns.infonce_rewards(query, policy_all, negs, tau=c["tau"])
-            else:
-                terms = reward_fns.supervised_rewards(
-                    query,
-                    policy_all,
-                    negs,
-                    negative_mode=c.get("negative_mode", "paper"),
-                    hard_mode=c.get("hard_mode", "paper"),
-                    **kw,
-                )
-        else:
-            anchor = self._gather(anchors["anchor"])
-            terms = reward_fns.unsupervised_rewards(
-                anchor, policy_all, cross_group=c.get("cross_group", "paper"), **kw
-            )
+    def compute_rewards(
+        self,
+        policy_emb: torch.Tensor,
+        anchors: dict,
+        texts: list[str] | None = None,
+        completions: list[list[str]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """``reward.terms`` over the GLOBAL batch (hard negatives come from every rank's groups):
+        {name: (B, K)} for this rank's groups, plus ``total`` = sum_n w_n term_n / tau.
+
+        Builds only the inputs some term names (rl/targets.py ``TERM_INPUTS``): embeddings and
+        ``anchors``' lengths / truncation flags (B, K); ``texts`` (B) and ``completions`` (B x K)
+        come from ``text_inputs`` when a term reads text.
+        """
+        c, need = self.reward_cfg, self.term_inputs
+        b, k = policy_emb.shape[:2]
+        sup = c["mode"] == "sup"
+        inputs: dict[str, Any] = {
+            "rollouts": self._gather(policy_emb),  # (B_global, K, D)
+            "tau": float(c["tau"]),
+            "mode": c["mode"],
+            "max_new_tokens": int(self.rollout_cfg["max_new_tokens"]),
+            "step": int(self.global_step),
+        }
+        if "anchor" in need:
+            inputs["anchor"] = self._gather(anchors["query" if sup else "anchor"])  # (B_g, D)
+        if "negatives" in need:
+            inputs["negatives"] = self._gather(anchors["negatives"]) if sup else None
+        if "lengths" in need:
+            inputs["lengths"] = self._gather(anchors["lengths"].float())  # (B_global, K)
+        if "truncated" in need:
+            inputs["truncated"] = self._gather(anchors["truncated"].float()).bool()
+        for name, value in (("texts", texts), ("completions", completions)):
+            if name in need:
+                if value is None:
+                    raise ValueError(f"a reward term reads {name!r}: pass it (text_inputs)")
+                inputs[name] = self._gather_objects(value)
+        terms = score_terms(self.reward_terms, inputs, float(c["tau"]))
         return {name: self._local(t, b) for name, t in terms.items()}
+
+    def text_inputs(self, batch, ro: RolloutBatch) -> dict[str, list]:
+        """``texts`` (B policy texts) and ``completions`` (B lists of K rationales) for the
+        reward terms that name them; {} when none does (no decoding)."""
+        out: dict[str, list] = {}
+        if "texts" in self.term_inputs:
+            out["texts"] = list(self.policy_texts(batch))
+        if "completions" in self.term_inputs:
+            k = self.rollout_cfg["num_generations"]
+            flat = ro.response_texts(self.tokenizer)
+            out["completions"] = [flat[i : i + k] for i in range(0, len(flat), k)]
+        return out
+
+    def _gather_objects(self, items: list) -> list:
+        """Every rank's ``items`` (a list), concatenated in rank order (``_gather`` for text)."""
+        if self.trainer.world_size == 1:
+            return list(items)
+        gathered: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, list(items))
+        return [x for part in gathered for x in part]
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """All ranks' ``x`` concatenated along dim 0 in rank order (the global batch).
@@ -404,23 +458,29 @@ class GraceModule(L.LightningModule):
         baseline: torch.Tensor | None = None,
         token_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Group mean-centred by default (paper; std division off: scale_rewards='none').
+        """``algo.advantage`` (rl/targets.py; the paper: group mean-centred, no std division).
 
         rewards, token_counts: (B, K) over the global batch (token_counts: response tokens that
-        enter the loss, for REINFORCE++'s token whitening); baseline: (B,) ReMax's greedy reward.
+        enter the loss, for REINFORCE++'s token whitening); baseline: (B,) the greedy rollout's
+        reward for an estimator that declares ``needs_greedy_baseline`` (ReMax), else None.
+        Returns (B, K) float32, shape- and finiteness-checked.
         """
-        a = self.algo_cfg
-        estimator = a.get("advantage", "grpo")
-        if estimator == "rloo":
-            return adv_fns.rloo_advantages(rewards)
-        if estimator == "reinforce_pp":
-            return adv_fns.reinforce_pp_advantages(rewards, token_counts=token_counts)
-        if estimator == "remax":
-            return adv_fns.remax_advantages(rewards, baseline)
-        return adv_fns.group_advantages(rewards, scale=a.get("scale_rewards", "none"))
+        return self.estimator(
+            rewards,
+            token_counts=token_counts,
+            baseline=baseline,
+            scale=self.algo_cfg.get("scale_rewards", "none"),
+            step=int(self.global_step),
+        )
 
-    def remax_baseline(self, policy_emb: torch.Tensor, anchors: dict) -> torch.Tensor:
-        """(B,) ReMax baseline: the greedy rollout's reward, scored by the same reward function.
+    def greedy_baseline(
+        self,
+        policy_emb: torch.Tensor,
+        anchors: dict,
+        texts: list[str] | None = None,
+        completions: list[list[str]] | None = None,
+    ) -> torch.Tensor:
+        """(B,) ReMax baseline: the greedy rollout's reward, scored by the same reward terms.
 
         The greedy rollout joins its group only here (as member K+1: its consistency is over the
         K sampled rollouts); the K sampled rollouts' own rewards come from ``compute_rewards``
@@ -428,7 +488,14 @@ class GraceModule(L.LightningModule):
         """
         k = policy_emb.size(1)
         with_greedy = torch.cat([policy_emb, anchors["greedy"].float()[:, None]], dim=1)
-        total = self.compute_rewards(with_greedy, anchors)["total"][:, k]  # (B,)
+        plus_one = dict(anchors)  # the greedy rollout's length and flag as member K+1
+        for name in ("lengths", "truncated"):
+            plus_one[name] = torch.cat([anchors[name], anchors[f"greedy_{name}"][:, None]], dim=1)
+        text = {"texts": texts} if texts is not None else {}
+        if completions is not None:
+            greedy = self._greedy_completions or []
+            text["completions"] = [c + [g] for c, g in zip(completions, greedy)]
+        total = self.compute_rewards(with_greedy, plus_one, **text)["total"][:, k]  # (B,)
         base, _ = self._truncate(
             total[:, None], anchors["greedy_truncated"][:, None], anchors["greedy_lengths"][:, None]
         )

@@ -41,8 +41,8 @@ class RecordingGraceModule(GraceModule):
         torch.save(self._record, self._probe_dir() / name)
         return out
 
-    def compute_rewards(self, policy_emb, anchors):
-        terms = super().compute_rewards(policy_emb, anchors)
+    def compute_rewards(self, policy_emb, anchors, **text):  # text: a term reads texts
+        terms = super().compute_rewards(policy_emb, anchors, **text)
         self._record["terms"] = {k: v.detach().cpu() for k, v in terms.items()}
         self._record["policy_emb"] = policy_emb.detach().cpu()
         self._record["anchors"] = {k: v.detach().cpu() for k, v in anchors.items()}

@@ -41,11 +41,16 @@ COMMON = [
     "logger=none",
     "callbacks=none",
     "model._target_=tests.probes.RecordingGraceModule",
+    # a reward term of the user's own that reads text: texts and rationales gathered over ranks
+    "+reward.terms.echo={_target_:my_ext.echo_penalty,weight:0.01}",
 ]
 
 
 def run_train(overrides: list[str], probe_dir, run_dir, timeout=240) -> None:
     env = dict(os.environ, GRACE_PROBE_DIR=str(probe_dir), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(  # tests/user_ext: my_ext.echo_penalty (COMMON)
+        p for p in (str(ROOT / "tests" / "user_ext"), env.get("PYTHONPATH")) if p
+    )
     keys = {o.split("=")[0] for o in overrides}
     common = [c for c in COMMON if c.split("=")[0] not in keys]  # an override replaces COMMON's
     cmd = [sys.executable, "train.py", *common, *overrides, f"hydra.run.dir={run_dir}"]

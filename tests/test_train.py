@@ -177,17 +177,16 @@ def test_tiny_training_run_end_to_end(reward, tmp_path):
 
 
 def test_nonfinite_reward_skips_the_update(tmp_path, monkeypatch):
-    from grace_lightning import module as module_mod
+    from grace_lightning.rl import rewards as reward_fns
 
-    real = module_mod.reward_fns.supervised_rewards
+    real = reward_fns.similarity_term  # reward.terms.pos's _target_, resolved when the run starts
 
-    def poisoned(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        terms["total"] = terms["total"].clone()
-        terms["total"][0, 0] = float("nan")
-        return terms
+    def poisoned(rollouts, anchor):  # the inputs it names are the ones it gets
+        term = real(rollouts, anchor).clone()
+        term[0, 0] = float("nan")
+        return term
 
-    monkeypatch.setattr(module_mod.reward_fns, "supervised_rewards", poisoned)
+    monkeypatch.setattr(reward_fns, "similarity_term", poisoned)
     cfg = make_cfg(
         [
             *TINY,

@@ -11,11 +11,19 @@ they are left out of every mean/std and get advantage 0.
 - `remax_advantages`: ReMax (Li et al. 2023), a greedy rollout's reward as baseline.
 
 Every function runs in (at least) float32 with autocast off (`precision.full_precision`).
+
+Each estimator is a Hydra `_target_` (``algo.advantage: {_target_: ...}`` in conf/algo/*.yaml),
+registered exactly as a user's own estimator is (docs/extending.md): the module calls it with the
+(B, K) rewards of the global batch and, by keyword, whichever of ``token_counts``, ``baseline``,
+``scale`` and ``step`` its signature names (`grace_lightning.rl.targets`). What an estimator needs
+from the run it declares with `estimator`: ``min_generations`` (K checked at startup) and
+``needs_greedy_baseline`` (ReMax: one extra greedy rollout per prompt, its reward as ``baseline``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,12 +31,42 @@ from torch import Tensor
 from grace_lightning.rl.precision import f32, full_precision
 from grace_lightning.rl.rewards import group_std
 
+F = TypeVar("F", bound=Callable)
+
+# ``algo.advantage=<name>``: the short spellings of the built-in estimators, kept for existing
+# commands and configs (conf/algo/*.yaml name the ``_target_`` itself). A new estimator needs no
+# entry here: ``algo.advantage._target_=<module>.<function>`` (docs/extending.md).
+SHORT_NAMES = {
+    "grpo": "grace_lightning.rl.advantages.group_advantages",
+    "rloo": "grace_lightning.rl.advantages.rloo_advantages",
+    "reinforce_pp": "grace_lightning.rl.advantages.reinforce_pp_advantages",
+    "remax": "grace_lightning.rl.advantages.remax_advantages",
+}
+
+
+def estimator(*, min_generations: int = 1, needs_greedy_baseline: bool = False) -> Callable[[F], F]:
+    """Declare what an advantage estimator needs from the run (read at startup, not by name).
+
+    min_generations: the smallest ``rollout.num_generations`` (K) it gives a signal for (group
+        baselines: 2); a smaller K stops the run at config time.
+    needs_greedy_baseline: the rollout adds one greedy (temperature 0) rollout per policy
+        prompt, scored by the same reward terms, and passes its (B,) reward as ``baseline`` (ReMax).
+    """
+
+    def mark(fn: F) -> F:
+        fn.min_generations = int(min_generations)  # type: ignore[attr-defined]
+        fn.needs_greedy_baseline = bool(needs_greedy_baseline)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
 
 def _nanmean(x: Tensor, dim: int | None = None, keepdim: bool = False) -> Tensor:
     """Mean over finite entries; 0 where there are none (instead of NaN)."""
     return torch.nanmean(x, dim=dim, keepdim=keepdim).nan_to_num(0.0)
 
 
+@estimator(min_generations=2)
 @full_precision
 def group_advantages(
     rewards: Tensor, scale: Literal["none", "group", "batch"] = "none", eps: float = 1e-4
@@ -49,6 +87,7 @@ def group_advantages(
     return adv.nan_to_num(0.0)
 
 
+@estimator(min_generations=2)
 @full_precision
 def rloo_advantages(rewards: Tensor) -> Tensor:
     """rewards (B, K) -> (B, K): r_ik - mean_{j != k} r_ij  (= K/(K-1) (r_ik - mean_j r_ij)).
@@ -64,6 +103,7 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return adv
 
 
+@estimator()
 @full_precision
 def reinforce_pp_advantages(
     rewards: Tensor, token_counts: Tensor | None = None, eps: float = 1e-8
@@ -106,6 +146,7 @@ def reinforce_pp_advantages(
     return adv.reshape(rewards.shape)
 
 
+@estimator(needs_greedy_baseline=True)
 @full_precision
 def remax_advantages(rewards: Tensor, baseline: Tensor) -> Tensor:
     """rewards (B, K), baseline (B,) reward of a greedy rollout per prompt -> (B, K)."""

@@ -15,6 +15,14 @@ replacement reward for truncated responses, and a different unsupervised cross-g
 
 Every public function runs in (at least) float32 with autocast off (`precision.full_precision`),
 so `trainer.precision=bf16-mixed` cannot round the small within-group differences away.
+
+The run's reward is a mapping of named terms (``reward.terms`` in conf/reward/*.yaml, TRL's
+``reward_funcs`` + ``reward_weights``): each a Hydra ``_target_`` with a ``weight``, called with
+the keyword inputs its signature names (`grace_lightning.rl.targets.TERM_INPUTS`) and returning a
+(B, K) per-rollout value; ``total = sum_n weight_n * term_n / tau``. The paper's terms are the
+``*_term`` functions below, registered in the YAML exactly as a user's own term is
+(docs/extending.md); `supervised_rewards` / `unsupervised_rewards` are the same terms with the
+paper's weights, kept as one call for tests and scripts.
 """
 
 from __future__ import annotations
@@ -75,6 +83,120 @@ def group_std(term: Tensor) -> Tensor:
     return torch.where(n >= 2, var.sqrt(), torch.zeros_like(var))
 
 
+# ----------------------------------------------------------------------------- reward terms
+# One function per term, each (B, K) and unweighted: what ``reward.terms`` registers. Inputs by
+# keyword (the names of `grace_lightning.rl.targets.TERM_INPUTS`): rollouts (B, K, D), anchor
+# (B, D): the query (sup) or the self-anchor (unsup), negatives (B, M, D) or None.
+
+NEGATIVE_MODES = ("paper", "per_rollout")
+HARD_MODES = ("paper", "per_rollout", "upstream")
+
+
+@full_precision
+def similarity_term(rollouts: Tensor, anchor: Tensor) -> Tensor:
+    """cos(anchor_i, x_ik) -> (B, K). Supervised: ``pos`` = cos(q, d+_k) (R_CL's positive part);
+    unsupervised: ``self`` = cos(self-anchor, x_k) (R_self)."""
+    return torch.einsum("bd,bkd->bk", _f32(anchor), _f32(rollouts))
+
+
+@full_precision
+def negative_term(
+    rollouts: Tensor,
+    anchor: Tensor,
+    negatives: Tensor | None,
+    mode: Literal["paper", "per_rollout"] = "paper",
+) -> Tensor:
+    """``neg`` -> (B, K); zero without negatives (unsupervised, or M = 0).
+
+    mode "paper": -sum_m cos(q_i, d-_im), constant within a group, so it cancels under group-mean
+    advantages (upstream issue #4). "per_rollout": -sum_m cos(d+_ik, d-_im), varies with k.
+    All-zero negative vectors (padding) add cos 0.
+    """
+    if mode not in NEGATIVE_MODES:
+        raise ValueError(f"negative_mode must be 'paper' or 'per_rollout', got {mode!r}")
+    P = _f32(rollouts)
+    B, K, _ = P.shape
+    if negatives is None or negatives.shape[1] == 0:
+        return P.new_zeros(B, K)
+    if mode == "paper":
+        neg = -torch.einsum("bd,bmd->bm", _f32(anchor), _f32(negatives)).sum(-1)  # (B,)
+        return neg[:, None].expand(B, K).contiguous()
+    return -torch.einsum("bkd,bmd->bkm", P, _f32(negatives)).sum(-1)  # (B, K)
+
+
+@full_precision
+def consistency_term(rollouts: Tensor) -> Tensor:
+    """``consistency`` -> (B, K): mean_{j != k} cos(x_ik, x_ij) (R_consist); zero when K == 1."""
+    return _consistency(_f32(rollouts))
+
+
+@full_precision
+def hard_term(
+    rollouts: Tensor, anchor: Tensor, mode: Literal["paper", "per_rollout", "upstream"] = "paper"
+) -> Tensor:
+    """``hard`` -> (B, K), the cross-group term (zero with one group).
+
+    mode "paper": -mean_{g!=i} max_l cos(anchor_i, x_gl) (R_hard; constant within a group).
+    "per_rollout": -mean_{g!=i} max_l cos(x_ik, x_gl) (sup ``hard_mode=per_rollout``).
+    "upstream": -mean_{g!=i} cos(x_ik, anchor_g) (the upstream code's unsupervised term: mean,
+    not max, against the other groups' anchors; unsup ``cross_group=upstream``).
+    """
+    if mode not in HARD_MODES:
+        raise ValueError(f"hard mode must be one of {HARD_MODES}, got {mode!r}")
+    a, X = _f32(anchor), _f32(rollouts)
+    B, K, _ = X.shape
+    if mode == "paper":
+        return _hard_anchor(a, X)[:, None].expand(B, K).contiguous()  # (B, K)
+    if mode == "per_rollout":
+        sim = torch.einsum("ikd,gjd->ikgj", X, X)  # (B, K, B, K)
+        return -_mean_over_other_groups(sim.amax(-1))  # (B, K)
+    sim = torch.einsum("ikd,gd->ikg", X, a)  # (B, K, B)
+    return -_mean_over_other_groups(sim)  # (B, K)
+
+
+@full_precision
+def infonce_term(rollouts: Tensor, anchor: Tensor, negatives: Tensor | None, tau: float) -> Tensor:
+    """``infonce`` -> (B, K): `infonce_rewards`' per-rollout log-probability (1/tau units)."""
+    return infonce_rewards(anchor, rollouts, negatives, tau=tau)["infonce"]
+
+
+def weighted_total(terms: dict[str, Tensor], weights: dict[str, float], tau: float) -> Tensor:
+    """sum_n weights[n] * terms[n] / tau, summed in ``weights``' order -> (B, K) float32."""
+    total = None
+    for name, w in weights.items():
+        part = float(w) * terms[name]
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("a reward needs at least one term")
+    return total / tau
+
+
+def paper_terms(
+    mode: Literal["sup", "unsup"],
+    *,
+    lambda_consistency: float = 0.2,
+    lambda_hard: float = 0.2,
+    negative_mode: str = "paper",
+    hard_mode: str = "paper",
+    cross_group: str = "paper",
+) -> dict[str, dict]:
+    """The paper's ``reward.terms`` for a mode, as conf/reward/{sup,unsup}.yaml write them (a
+    test keeps the two equal). For reward configs without ``terms`` (checkpoints saved before
+    reward terms were configurable, hand-built dicts)."""
+    here = "grace_lightning.rl.rewards."
+    first = {"pos": {"_target_": here + "similarity_term", "weight": 1.0}}
+    if mode == "sup":
+        first["neg"] = {"_target_": here + "negative_term", "weight": 1.0, "mode": negative_mode}
+    else:
+        first = {"self": first["pos"]}
+    hard = hard_mode if mode == "sup" else cross_group
+    return {
+        **first,
+        "consistency": {"_target_": here + "consistency_term", "weight": lambda_consistency},
+        "hard": {"_target_": here + "hard_term", "weight": lambda_hard, "mode": hard},
+    }
+
+
 # ----------------------------------------------------------------------------- rewards
 
 
@@ -106,32 +228,20 @@ def supervised_rewards(
         dict of (B, K) tensors: raw signed terms `pos`, `neg`, `consistency`, `hard` (unweighted,
         unscaled) and `total` = (pos + neg + l1 consistency + l2 hard) / tau.
     """
-    if negative_mode not in ("paper", "per_rollout"):
+    if negative_mode not in NEGATIVE_MODES:
         raise ValueError(f"negative_mode must be 'paper' or 'per_rollout', got {negative_mode!r}")
     if hard_mode not in ("paper", "per_rollout"):
         raise ValueError(f"hard_mode must be 'paper' or 'per_rollout', got {hard_mode!r}")
-    q, P = _f32(query), _f32(positives)
-    B, K, _ = P.shape
-
-    pos = torch.einsum("bd,bkd->bk", q, P)  # (B, K)
-
-    if negatives is None or negatives.shape[1] == 0:
-        neg = P.new_zeros(B, K)
-    elif negative_mode == "paper":
-        neg = -torch.einsum("bd,bmd->bm", q, _f32(negatives)).sum(-1)  # (B,)
-        neg = neg[:, None].expand(B, K).contiguous()
-    else:
-        neg = -torch.einsum("bkd,bmd->bkm", P, _f32(negatives)).sum(-1)  # (B, K)
-
-    if hard_mode == "paper":
-        hard = _hard_anchor(q, P)[:, None].expand(B, K).contiguous()  # (B, K)
-    else:
-        sim = torch.einsum("ikd,gjd->ikgj", P, P)  # (B, K, B, K)
-        hard = -_mean_over_other_groups(sim.amax(-1))  # (B, K)
-
-    cons = _consistency(P)  # (B, K)
-    total = (pos + neg + lambda_consistency * cons + lambda_hard * hard) / tau
-    return {"pos": pos, "neg": neg, "consistency": cons, "hard": hard, "total": total}
+    # the undecorated terms: this function's own decorator turns autocast off (and its
+    # ``__wrapped__`` shows what autocast would do, tests/test_rewards.py)
+    terms = {
+        "pos": similarity_term.__wrapped__(positives, query),
+        "neg": negative_term.__wrapped__(positives, query, negatives, negative_mode),
+        "consistency": consistency_term.__wrapped__(positives),
+        "hard": hard_term.__wrapped__(positives, query, hard_mode),
+    }
+    weights = {"pos": 1.0, "neg": 1.0, "consistency": lambda_consistency, "hard": lambda_hard}
+    return {**terms, "total": weighted_total(terms, weights, tau)}
 
 
 @full_precision
@@ -195,19 +305,13 @@ def unsupervised_rewards(
     """
     if cross_group not in ("paper", "upstream"):
         raise ValueError(f"cross_group must be 'paper' or 'upstream', got {cross_group!r}")
-    a, X = _f32(anchor), _f32(rollouts)
-    B, K, _ = X.shape
-
-    self_sim = torch.einsum("bd,bkd->bk", a, X)  # (B, K)
-    cons = _consistency(X)  # (B, K)
-    if cross_group == "paper":
-        hard = _hard_anchor(a, X)[:, None].expand(B, K).contiguous()  # (B, K)
-    else:
-        sim = torch.einsum("ikd,gd->ikg", X, a)  # (B, K, B)
-        hard = -_mean_over_other_groups(sim)  # (B, K)
-
-    total = (self_sim + lambda_consistency * cons + lambda_hard * hard) / tau
-    return {"self": self_sim, "consistency": cons, "hard": hard, "total": total}
+    terms = {
+        "self": similarity_term.__wrapped__(rollouts, anchor),
+        "consistency": consistency_term.__wrapped__(rollouts),
+        "hard": hard_term.__wrapped__(rollouts, anchor, cross_group),
+    }
+    weights = {"self": 1.0, "consistency": lambda_consistency, "hard": lambda_hard}
+    return {**terms, "total": weighted_total(terms, weights, tau)}
 
 
 # ----------------------------------------------------------------------------- truncation

@@ -39,6 +39,7 @@ ID_COLUMNS = [
     "method",
     "mode",
     "algo",
+    "advantage",
     "lambda_consistency",
     "lambda_hard",
     "lr",
@@ -108,7 +109,9 @@ def _method(choices: dict[str, Any], cfg: DictConfig) -> str | None:
 def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
     """The identifying fields of a run from its config and its Hydra group choices.
 
-    ``algo`` and the λs only mean something for GRACE: None for the contrastive baselines.
+    ``algo``, ``advantage`` (the estimator's ``_target_``, from the run's own config: a user's
+    estimator shows under its own name) and the λs only mean something for GRACE: None for the
+    contrastive baselines.
     """
     method = _method(choices, cfg)
     grace = method == "grace"
@@ -117,11 +120,30 @@ def describe(cfg: DictConfig, choices: dict[str, Any]) -> dict[str, Any]:
         "method": method,
         "mode": _select(cfg, "reward.mode") or choices.get("reward"),  # sup | unsup data
         "algo": choices.get("algo") if grace else None,
+        "advantage": advantage_target(_select(cfg, "algo.advantage")) if grace else None,
         "lambda_consistency": _select(cfg, "reward.lambda_consistency") if grace else None,
         "lambda_hard": _select(cfg, "reward.lambda_hard") if grace else None,
         "lr": _select(cfg, "optim.lr"),
         "experiment": choices.get("experiment"),
     }
+
+
+def advantage_target(node: Any) -> str | None:
+    """``algo.advantage`` of a run's config -> its ``_target_`` (runs from before estimators were
+    ``_target_``s hold a short name: grpo, rloo, ...; shown as written)."""
+    if isinstance(node, dict):
+        return node.get("_target_")
+    return None if node is None else str(node)
+
+
+def algorithm_label(row: dict[str, Any]) -> str | None:
+    """A GRACE run's bar in ``algorithms.png``: the ``algo=`` choice, and the estimator's
+    ``_target_`` when it is not a built-in (``algo.advantage._target_=my_module.fn`` on top of an
+    ``algo=`` preset is another algorithm)."""
+    algo, target = row.get("algo"), row.get("advantage")
+    if target and not str(target).startswith("grace_lightning.") and "." in str(target):
+        return f"{algo or 'grpo'}: {target}"
+    return algo
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, str]:
@@ -233,6 +255,7 @@ def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
         for k, v in r["overrides"].items():
             values[k].add(v)
     shown = {"backbone", "method", "reward", "algo", "experiment"}  # group choices
+    shown |= {"algo.advantage", "algo.advantage._target_"}  # the advantage column
     shown |= {"reward.lambda_consistency", "reward.lambda_hard", "optim.lr"}
     return sorted(k for k, v in values.items() if len(v) > 1 and k not in shown)
 
@@ -400,16 +423,17 @@ def _lambda_scatter(values: dict[tuple, float], metric: str, path: Path) -> Path
 
 
 def plot_algorithms(rows, metric: str, path: Path) -> Path | None:
-    """GRACE runs, one bar per RL algorithm (``algo=``)."""
-    grace = [r for r in rows if r.get("method") == "grace" and r.get("algo")]
-    values = _mean_by(grace, ("algo",), metric)
+    """GRACE runs, one bar per RL algorithm (``algo=``, or the estimator's ``_target_`` when it
+    is a user's, `algorithm_label`), in the order the runs came (a sweep's own order)."""
+    grace = [
+        {**r, "algorithm": algorithm_label(r)}
+        for r in rows
+        if r.get("method") == "grace" and algorithm_label(r)
+    ]
+    values = _mean_by(grace, ("algorithm",), metric)
     if len(values) < 2:
         return None
-    order = ["grpo", "dr_grpo", "dapo", "reinforce_pp", "remax", "rloo"]
-    algos = sorted(
-        (k[0] for k in values),
-        key=lambda a: (a not in order, order.index(a) if a in order else 0, a),
-    )
+    algos = list(dict.fromkeys(r["algorithm"] for r in grace if (r["algorithm"],) in values))
     plt = _figure()
     fig, ax = plt.subplots(figsize=(max(4.8, 1.6 + 1.0 * len(algos)), 3.4))
     bars = ax.bar(range(len(algos)), [values[(a,)] for a in algos], color="tab:blue")
