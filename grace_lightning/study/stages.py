@@ -638,7 +638,18 @@ def record_stage(cfg: DictConfig, stage: Stage) -> None:
         dst = rec / src.relative_to(out)
         if not dst.is_file() or dst.stat().st_mtime < src.stat().st_mtime:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            _copy(src, dst, str(REPO_ROOT), ROOT_MARK)
+
+
+ROOT_MARK = "<repo>"  # the repo root in records: no machine's absolute path goes into git
+
+
+def _copy(src: Path, dst: Path, old: str, new: str) -> None:
+    """Copy a record, with ``old`` -> ``new`` in its text (paths under the repo root)."""
+    try:
+        dst.write_text(src.read_text().replace(old, new))
+    except UnicodeDecodeError:
+        shutil.copy2(src, dst)
 
 
 def restore_records(cfg: DictConfig, stages: list[Stage]) -> int:
@@ -659,7 +670,7 @@ def restore_records(cfg: DictConfig, stages: list[Stage]) -> int:
         for f in files:
             dst = out / f.relative_to(rec)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst)
+            _copy(f, dst, ROOT_MARK, str(REPO_ROOT))
         n += 1
     return n
 
