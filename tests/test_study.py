@@ -26,6 +26,8 @@ from grace_lightning.study.stages import (
     check_rows,
     has_weights,
     plan,
+    redo_changed_choice,
+    restore_records,
     run_study,
     selected_rows,
 )
@@ -705,3 +707,56 @@ def test_tiny_v3_study_two_arms_two_seeds_killed_and_resumed(tmp_path):
     )
     assert (out / "infonce_echo/seed1/eval/DONE.json").is_file()
     assert not has_weights(out / "infonce/seed0/train")  # seed 0's lineage is whole: not redone
+
+
+def test_v3_a_changed_sweep_choice_redoes_the_lineage_trained_with_the_old_one(tmp_path):
+    """The sweep's grid is extended and a new lr wins: the finished InfoNCE training of the old
+    lr and every stage that loads it (its eval, the echo arm's eval) are moved aside and their
+    records removed, so they run again; with the same choice nothing moves. A stage dir present
+    without its DONE.json is not restored from the records (deleting DONE.json redoes it)."""
+    cfg = v3_cfg(tmp_path, "only=[infonce_echo]", "seeds=[0]", "sweeps.infonce.lrs=[1e-4,1e-3]")
+    out, rec = Path(cfg.out_dir), Path(cfg.record_dir)
+
+    def finish(rel, lr=None, dev=None):
+        for root in (out, rec):
+            d = root / rel
+            (d / ".hydra").mkdir(parents=True, exist_ok=True)
+            (d / "DONE.json").write_text("{}")
+            if lr is not None:
+                (d / ".hydra" / "overrides.yaml").write_text(f"- method=infonce\n- optim.lr={lr}\n")
+            if dev is not None:
+                (d / "csv" / "version_0").mkdir(parents=True, exist_ok=True)
+                (d / "csv" / "version_0" / "metrics.csv").write_text(f"step,val/dev_avg\n1,{dev}\n")
+
+    finish("sweeps/infonce/lr0.0001/train", lr=0.0001, dev=60.0)
+    finish("sweeps/infonce/lr0.001/train", lr=0.001, dev=50.0)
+    finish("infonce/seed0/train", lr=0.0001)
+    finish("infonce/seed0/eval")
+    finish("infonce_echo/seed0/eval")
+    rows = selected_rows(cfg)
+    stages = plan(cfg, rows)
+    (train,) = [s for s in stages if s.row == "infonce/seed0" and s.kind == "train"]
+    assert not redo_changed_choice(cfg, train, stages, rows)  # 1e-4 still wins
+    assert all(s.done for s in stages)
+
+    # 1e-3 now wins (a rerun sweep run; here its score rewritten)
+    (out / "sweeps/infonce/lr0.001/train/csv/version_0/metrics.csv").write_text(
+        "step,val/dev_avg\n1,70.0\n"
+    )
+    assert redo_changed_choice(cfg, train, stages, rows)
+    for rel in ("infonce/seed0/train", "infonce/seed0/eval", "infonce_echo/seed0/eval"):
+        assert not (out / rel).exists() and not (rec / rel).exists(), rel
+        assert list((out / rel).parent.glob((out / rel).name + ".superseded-*")), rel
+    assert [s.row for s in stages if not s.done] == [
+        "infonce/seed0",
+        "infonce/seed0",
+        "infonce_echo/seed0",
+    ]
+    assert any(a == "optim.lr=0.001" for a in train.rebuild())
+    assert (rec / "sweeps/infonce/lr0.001/train/DONE.json").is_file()  # the sweep is kept
+
+    # restore: a sweep stage whose dir is here without DONE.json stays unfinished
+    (out / "sweeps/infonce/lr0.001/train/DONE.json").unlink()
+    assert restore_records(cfg, stages) == 0
+    shutil.rmtree(out / "sweeps")
+    assert restore_records(cfg, stages) == 2

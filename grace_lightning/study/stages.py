@@ -566,6 +566,8 @@ def run_stages(cfg: DictConfig, rows: Mapping[str, Any]) -> list[Stage]:
         redo_lost_lineages(cfg, stages, rows)
     for i, stage in enumerate(stages, 1):
         tag = f"[{i}/{len(stages)}] {stage.row}/{stage.kind}"
+        if not cfg.get("dry_run"):
+            redo_changed_choice(cfg, stage, stages, rows)
         if stage.done:
             log.info("%s: done (%s), skipped", tag, stage.done_file)
             record_stage(cfg, stage)
@@ -653,15 +655,22 @@ def _copy(src: Path, dst: Path, old: str, new: str) -> None:
 
 
 def restore_records(cfg: DictConfig, stages: list[Stage]) -> int:
-    """Stages finished in ``record_dir`` but not in ``out_dir`` (a fresh clone or machine):
-    copy their records back so that they count as done. Returns how many."""
+    """Stages finished in ``record_dir`` and absent from ``out_dir`` (a fresh clone or
+    machine): copy their records back so that they count as done. A stage whose directory is
+    here without its DONE.json (stopped midway, or DONE.json deleted to redo it) runs again.
+    Returns how many were restored."""
     rec, out = _record_dir(cfg), Path(cfg.out_dir)
     if rec is None or not rec.is_dir():
         return 0
+    # what was here before anything is restored (a samples stage's file lives in its row dir)
+    absent = {
+        id(st): not (st.done_file.parent if st.kind == "samples" else st.dir).exists()
+        for st in stages
+    }
     n = 0
     for stage in stages:
         rel = stage.done_file.relative_to(out)
-        if stage.done or not (rec / rel).is_file():
+        if stage.done or not absent[id(stage)] or not (rec / rel).is_file():
             continue
         src_dir = rec / (rel if stage.kind == "samples" else stage.dir.relative_to(out))
         files = (
@@ -686,12 +695,7 @@ def redo_lost_lineages(cfg: DictConfig, stages: list[Stage], rows: Mapping[str, 
     the training and every finished stage of its lineage run again, so that each paired result
     comes from one model. The old stage dirs are kept as ``<dir>.superseded-<time>`` and their
     records removed (git keeps them). Returns the rows redone."""
-    out, rec = Path(cfg.out_dir), _record_dir(cfg)
-    children: dict[str, set[str]] = {}
-    for name, row in rows.items():
-        for key in ("init_from", "eval_of"):
-            if row.get(key) is not None:
-                children.setdefault(row[key], set()).add(name)
+    rec = _record_dir(cfg)
     by_row: dict[str, list[Stage]] = {}
     for st in stages:
         by_row.setdefault(st.row, []).append(st)
@@ -700,12 +704,7 @@ def redo_lost_lineages(cfg: DictConfig, stages: list[Stage], rows: Mapping[str, 
     for st in stages:
         if st.kind != "train" or not st.done or has_weights(st.dir) or st.row in redone:
             continue
-        lineage, todo = [st.row], [st.row]
-        while todo:
-            for c in sorted(children.get(todo.pop(), ())):
-                if c not in lineage:
-                    lineage.append(c)
-                    todo.append(c)
+        lineage = _lineage(st.row, rows)
         needs = [x for r in lineage for x in by_row.get(r, []) if x is not st and not x.done]
         if not needs:
             continue
@@ -717,20 +716,77 @@ def redo_lost_lineages(cfg: DictConfig, stages: list[Stage], rows: Mapping[str, 
             ", ".join(f"{x.row}/{x.kind}" for x in needs),
             ", ".join(lineage),
         )
-        for r in lineage:
-            for x in by_row.get(r, []):
-                if not x.done:
-                    continue
-                target = x.done_file if x.kind == "samples" else x.dir
-                target.rename(target.with_name(f"{target.name}.superseded-{stamp}"))
-                if rec is not None:
-                    old = rec / target.relative_to(out)
-                    if old.is_dir():
-                        shutil.rmtree(old)
-                    elif old.is_file():
-                        old.unlink()
+        _supersede(cfg, [x for r in lineage for x in by_row.get(r, [])], stamp)
         redone += lineage
     return redone
+
+
+def _lineage(row: str, rows: Mapping[str, Any]) -> list[str]:
+    """``row`` and every row that starts from it or evaluates it, transitively."""
+    children: dict[str, set[str]] = {}
+    for name, r in rows.items():
+        for key in ("init_from", "eval_of"):
+            if r.get(key) is not None:
+                children.setdefault(r[key], set()).add(name)
+    lineage, todo = [row], [row]
+    while todo:
+        for c in sorted(children.get(todo.pop(), ())):
+            if c not in lineage:
+                lineage.append(c)
+                todo.append(c)
+    return lineage
+
+
+def _supersede(cfg: DictConfig, stages: list[Stage], stamp: str) -> None:
+    """Move the finished ``stages``' dirs aside as ``<dir>.superseded-<stamp>`` (they run
+    again) and remove their records (git keeps them)."""
+    out, rec = Path(cfg.out_dir), _record_dir(cfg)
+    for x in stages:
+        if not x.done:
+            continue
+        target = x.done_file if x.kind == "samples" else x.dir
+        target.rename(target.with_name(f"{target.name}.superseded-{stamp}"))
+        if rec is not None:
+            old = rec / target.relative_to(out)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.is_file():
+                old.unlink()
+
+
+def _recorded_lr(train_dir: Path) -> str | None:
+    """The ``optim.lr=`` override a finished training ran with (its .hydra/overrides.yaml)."""
+    path = train_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    lrs = [o for o in OmegaConf.load(path) if str(o).startswith("optim.lr=")]
+    return str(lrs[-1]) if lrs else None
+
+
+def redo_changed_choice(
+    cfg: DictConfig, stage: Stage, stages: list[Stage], rows: Mapping[str, Any]
+) -> bool:
+    """A finished training whose lr came from a sweep (``lr_from``) that now chooses another lr
+    (its grid was extended, a sweep run redone): the training and its lineage run again with
+    the new choice. Returns whether it did."""
+    if stage.kind != "train" or stage.rebuild is None or not stage.done:
+        return False
+    want = [a for a in stage.rebuild() if a.startswith("optim.lr=")]
+    if not want or "<chosen-by-sweep-" in want[-1]:
+        return False  # the sweep has not chosen yet
+    had = _recorded_lr(stage.dir)
+    if had is None or float(had.split("=", 1)[1]) == float(want[-1].split("=", 1)[1]):
+        return False
+    lineage = _lineage(stage.row, rows)
+    log.warning(
+        "%s: trained with %s, but its sweep now chooses %s: redoing %s",
+        stage.row,
+        had,
+        want[-1],
+        ", ".join(lineage),
+    )
+    _supersede(cfg, [x for x in stages if x.row in lineage], time.strftime("%Y%m%d-%H%M%S"))
+    return True
 
 
 def drop_checkpoints(cfg: DictConfig, stage: Stage) -> None:
