@@ -81,7 +81,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = load_backbone(BackboneConfig())
     model.eval()
-    shape = ModelShape.from_config(model.config)
+    shape = ModelShape.from_hf_config(model.config)
     pr = ChatPrompter(tok)
     r, pad, sl = args.new_tokens, tok.pad_token_id, pr.system_len
     engine = HFRolloutEngine(model, tok, max_new_tokens=r)

@@ -1,7 +1,7 @@
 """Analytic matrix FLOPs of a decoder-only LM and this machine's matmul throughput.
 
-:class:`ModelShape` + :func:`forward_flops` count a forward pass's matrix FLOPs from the model's
-shape and token counts: ``2 * (linear params) * tokens`` for the projections and MLP,
+:class:`~grace_lightning.scale.Shape` (alias ``ModelShape``) + :func:`forward_flops` count a
+forward pass's matrix FLOPs from the model's shape and token counts: ``2 * (linear params) * tokens`` for the projections and MLP,
 ``2 * 2 * heads * head_dim * (query, key) pairs`` for attention (QK^T and AV), and the LM head only
 where logits are computed. Backward is counted as 2x forward. Element-wise work (norms, RoPE,
 softmax, sampling) is not counted: this is the matmul roofline. Used by the startup step-time
@@ -11,44 +11,12 @@ estimate (grace_lightning/presets.py) and the benches (bench/_common.py re-expor
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+from grace_lightning.scale import Shape
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the FLOP count needs from a decoder-only transformer's config."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    @classmethod
-    def from_config(cls, config) -> ModelShape:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(
-            hidden=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            intermediate=config.intermediate_size,
-            vocab=config.vocab_size,
-        )
-
-    @property
-    def linear_params_per_layer(self) -> int:
-        """q, k, v, o projections + gated MLP (gate, up, down)."""
-        d, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return d * q + 2 * d * kv + q * d + 3 * d * self.intermediate
-
-    @property
-    def body_params(self) -> int:  # matmul weights a token passes through, LM head excluded
-        return self.layers * self.linear_params_per_layer
+# One shape class for the FLOP model and the memory model (grace_lightning/scale.py); the name
+# ModelShape stays for the benches' imports.
+ModelShape = Shape
 
 
 def forward_flops(shape: ModelShape, tokens: int, attn_pairs: int, lm_head_tokens: int) -> int:
@@ -58,7 +26,7 @@ def forward_flops(shape: ModelShape, tokens: int, attn_pairs: int, lm_head_token
     queries (a causal prefill of n tokens: n(n+1)/2; a decode step at context c: c);
     lm_head_tokens: positions whose logits are computed.
     """
-    body = 2 * shape.body_params * tokens
+    body = 2 * shape.layers * shape.layer_linear_params() * tokens  # LM head excluded
     attn = 2 * 2 * shape.heads * shape.head_dim * attn_pairs * shape.layers
     head = 2 * shape.hidden * shape.vocab * lm_head_tokens
     return body + attn + head

@@ -158,16 +158,17 @@ def wants_gpu(cfg: DictConfig) -> bool:
 
 
 def backbone_model_shape(cfg: DictConfig):
-    """The backbone's :class:`~grace_lightning.flops.ModelShape` from its config.json (shipped
+    """The backbone's :class:`~grace_lightning.scale.Shape` from its config.json (shipped
     for the paper backbones, or a local dir's), without loading weights; None if unknown."""
-    from grace_lightning.flops import ModelShape
     from grace_lightning.models.backbone import BackboneConfig, random_init_config
 
     try:
         config = random_init_config(BackboneConfig(**OmegaConf.to_container(cfg.backbone)))
     except (ValueError, TypeError, KeyError, OSError):
         return None
-    return ModelShape.from_config(config)
+    from grace_lightning.scale import Shape
+
+    return Shape.from_hf_config(config)
 
 
 def step_estimate(cfg: DictConfig, gflops: float) -> dict[str, float]:

@@ -87,7 +87,7 @@ def counted(fn) -> int:
 
 
 def test_prefill_flops_match_torch_counter(llama):
-    shape = common.ModelShape.from_config(llama.config)
+    shape = common.ModelShape.from_hf_config(llama.config)
     assert shape.head_dim == 24 and shape.kv_heads == 2
     b, n = 3, 11
     ids = torch.randint(0, 320, (b, n))
@@ -104,7 +104,7 @@ def test_decode_flops_match_torch_counter(llama):
 
     from grace_lightning.rollout.engine import cache_kwarg
 
-    shape = common.ModelShape.from_config(llama.config)
+    shape = common.ModelShape.from_hf_config(llama.config)
     b, n, steps = 2, 7, 3
     ids = torch.randint(0, 320, (b, n))
     cache, key = DynamicCache(config=llama.config), cache_kwarg(llama)
@@ -121,7 +121,15 @@ def test_decode_flops_match_torch_counter(llama):
 
 def test_grace_step_counts_shared_prompt_once():
     shape = common.ModelShape(
-        hidden=8, layers=1, heads=2, kv_heads=1, head_dim=4, intermediate=16, vocab=10
+        name="toy",
+        arch="llama",
+        hidden=8,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        head_dim=4,
+        intermediate=16,
+        vocab=10,
     )
     policy, anchors, k, r = [20, 30], [5, 6, 7, 8], 4, 3
     grace = common.grace_step_flops(shape, policy, anchors, k, r)

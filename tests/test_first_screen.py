@@ -14,7 +14,11 @@ import pytest
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.trainer.states import RunningStage
 
-from grace_lightning.callbacks.progress import TimeBudgetProgressBar, batches_in_budget
+from grace_lightning.callbacks.progress import (
+    TimeBudgetProgressBar,
+    batches_in_budget,
+    batches_in_steps,
+)
 
 from .conftest import DATA_ROOT, ROOT
 from .test_train import TINY
@@ -80,6 +84,25 @@ def test_bar_is_the_time_budget_bar(first_screen):
     """The run's bar is ours (its total can follow max_time): Lightning's TQDM bar format."""
     text, _ = first_screen
     assert re.search(r"Epoch 0: +\d+%\|", text), text[-2000:]
+
+
+def test_bar_total_follows_max_steps(first_screen):
+    """TINY: max_steps=2 and 2 optimiser steps a rollout batch (2 prompts, 1 a mini-batch): the
+    bar counts to the 1 rollout batch the run takes, not to the epoch's ~30."""
+    text, _ = first_screen
+    counts = re.findall(r"Epoch 0: +\d+%\|[^|]*\| *(\d+)/(\d+) ", text)
+    assert counts, text[-2000:]
+    assert counts[-1] == ("1", "1"), counts
+
+
+def test_batches_in_steps():
+    assert (
+        batches_in_steps(4000, 4, 0, 731) == 731
+    )  # the paper: 1,000 batches, the epoch ends first
+    assert batches_in_steps(8, 4, 0, 731) == 2
+    assert batches_in_steps(9, 4, 3, 731) == 6  # a partial batch still runs; 3 already done
+    assert batches_in_steps(5, 1, 0, None) == 5  # contrastive: a step a batch; unknown length
+    assert batches_in_steps(0, 4, 2, 731) == 2  # the cap is reached
 
 
 def test_batches_in_budget():

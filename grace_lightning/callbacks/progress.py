@@ -4,6 +4,9 @@
 when ``trainer.enable_progress_bar``): when ``trainer.max_time`` ends training before the epoch
 does, the bar's total becomes the number of batches that fit in the time left, so its count and ETA
 follow the budget (``12/58 [01:31<07:29]`` for a 9-minute budget, not ``12/731 [01:31<1:41:38]``).
+When ``trainer.max_steps`` ends training first, the total is the rollout batches its optimiser steps
+leave (a GRACE rollout batch takes ``ceil(prompts_per_step / prompts_per_minibatch) x
+num_iterations`` steps: `batches_in_steps`).
 
 
 A paper-size rollout batch (640 rows x up to 2048 tokens) takes minutes between two training
@@ -37,6 +40,21 @@ def batches_in_budget(done: int, elapsed_s: float, left_s: float, natural: float
     return fits if natural in (None, math.inf) else int(min(fits, natural))
 
 
+def batches_in_steps(steps_left: int, steps_per_batch: int, done: int, natural: float | None):
+    """The epoch's batch count as ``trainer.max_steps`` sees it: ``done`` batches of this epoch so
+    far plus the batches that ``steps_left`` optimiser steps take (``steps_per_batch`` each), at
+    most ``natural`` (None/inf: unknown)."""
+    fits = done + math.ceil(max(steps_left, 0) / max(steps_per_batch, 1))
+    return fits if natural in (None, math.inf) else int(min(fits, natural))
+
+
+def steps_per_batch(pl_module) -> int:
+    """Optimiser steps a training batch takes: a GRACE rollout batch's mini-batches x
+    num_iterations (``GraceModule._steps_per_rollout``); 1 for the contrastive baselines."""
+    fn = getattr(pl_module, "_steps_per_rollout", None)
+    return max(1, int(fn())) if callable(fn) else 1
+
+
 class TimeBudgetProgressBar(TQDMProgressBar):
     """Lightning's TQDM bar whose total and ETA follow ``trainer.max_time`` when it binds.
 
@@ -54,6 +72,14 @@ class TimeBudgetProgressBar(TQDMProgressBar):
         super().on_train_epoch_start(trainer, *args)
         self._epoch_start = time.monotonic()
         self._epoch_total = self.train_progress_bar.total  # the epoch's own count (or None)
+        if trainer.max_steps is not None and trainer.max_steps > 0:  # the step cap binds first?
+            self._epoch_total = batches_in_steps(
+                trainer.max_steps - trainer.global_step,
+                steps_per_batch(trainer.lightning_module),
+                int(self.train_progress_bar.n or 0),
+                self._epoch_total,
+            )
+            self.train_progress_bar.total = self._epoch_total
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.follow_budget(trainer, batch_idx + 1)

@@ -808,7 +808,8 @@ def budget_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
     what its finished stages actually took (DONE.json), with totals."""
     est = dict(cfg.get("eval_minutes_estimate") or {})
     out = Path(cfg.out_dir)
-    lines = [f"{'row':<20} {'train budget':>12} {'eval est.':>9} {'spent':>7}  starts from"]
+    w = max([20, *(len(n) for n in rows)])  # the widest row name (v3: <arm>/seed<s>)
+    lines = [f"{'row':<{w}} {'train budget':>12} {'eval est.':>9} {'spent':>7}  starts from"]
     tot_plan = tot_spent = 0.0
     for name, row in rows.items():
         train = row_minutes(cfg, row) if row.get("train") is not None else 0.0
@@ -825,9 +826,9 @@ def budget_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
             "steps" if row.get("train") is not None and train is None else f"{train or 0:.1f} m"
         )
         lines.append(
-            f"{name:<20} {budget:>12} {ev:>7.1f} m {spent:>5.1f} m  {row.get('init_from') or '-'}"
+            f"{name:<{w}} {budget:>12} {ev:>7.1f} m {spent:>5.1f} m  {row.get('init_from') or '-'}"
         )
-    lines.append(f"{'total':<20} {tot_plan:>21.1f} m {tot_spent:>5.1f} m")
+    lines.append(f"{'total':<{w}} {tot_plan:>21.1f} m {tot_spent:>5.1f} m")
     return lines
 
 
