@@ -315,7 +315,8 @@ class GraceModule(L.LightningModule):
             text_seed(self._step_seed(), f"{role}\0{text}")
             for role, text in zip(roles, list(texts) + anchor_texts + greedy)
         ]
-        self.last_weight_sync_s = self._sync_engine()
+        if self._synced_step != self.global_step:  # called outside fit (on_train_batch_start)
+            self.last_weight_sync_s = self._sync_engine()
         with self._eval_mode():
             out = self.engine.generate(
                 prompts, counts, temps, self.prompter.system_len, seeds=seeds
@@ -344,6 +345,12 @@ class GraceModule(L.LightningModule):
         else:
             anchors["anchor"] = anchor_emb
         return policy, anchors
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The engine's copy of the weights (vLLM), made here and not in the training step: under
+        # FSDP, Lightning runs training_step inside the root's forward, where gathering the full
+        # parameters (summon_full_params) is refused.
+        self.last_weight_sync_s = self._sync_engine()
 
     def _sync_engine(self) -> float:
         """An engine with its own copy of the weights (vLLM) gets the policy's current ones
