@@ -48,7 +48,7 @@ from grace_lightning.rl.targets import needed_inputs, resolve_advantage, score_t
 from grace_lightning.rl.targets import resolve_terms as resolve_reward_terms
 from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
-from grace_lightning.schema import OptimConfig, RolloutConfig, typed
+from grace_lightning.schema import AlgoConfig, OptimConfig, RewardConfig, RolloutConfig, typed
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,11 @@ class GraceModule(L.LightningModule):
         self.prompt_cfg = dict(prompt)
         self.rollout_cfg = rollout = typed(RolloutConfig, rollout)  # defaults: the schema's
         self.optim_cfg = typed(OptimConfig, optim)
-        self.reward_cfg, self.algo_cfg = dict(reward), dict(algo)
+        self.reward_cfg = typed(RewardConfig, reward)
+        self.algo_cfg = algo = typed(AlgoConfig, algo)
         self.logging_cfg = dict(logging_cfg or {})
         # the pluggable parts (rl/targets.py), resolved before any weights load
-        self.estimator = resolve_advantage(self.algo_cfg.get("advantage"))
+        self.estimator = resolve_advantage(self.algo_cfg.advantage)
         self.reward_terms = resolve_reward_terms(self.reward_cfg)
         self.term_inputs = needed_inputs(self.reward_terms)  # what compute_rewards must build
         self._greedy_completions: list[str] | None = None  # ReMax rationales, if a term reads text
@@ -125,7 +126,7 @@ class GraceModule(L.LightningModule):
         self._synced_step: int | None = None  # global_step whose weights the engine holds
         self.last_weight_sync_s = 0.0
         self.ref_policy = None
-        if algo.get("beta", 0.0) > 0 and not self.peft_cfg:
+        if algo.beta > 0 and not self.peft_cfg:
             self.ref_policy = (
                 self._frozen_copy()
             )  # with LoRA the reference is the base, adapters off
@@ -214,7 +215,7 @@ class GraceModule(L.LightningModule):
             # tokens each rollout puts into the loss (REINFORCE++ whitens over tokens, as verl)
             tokens = self._gather(rollouts.lengths.float().view(b, k) * loss_weight)  # (B_g, K)
             advantages = self._local(self.compute_advantages(glob_rewards, glob_base, tokens), b)
-            if self.algo_cfg.get("dynamic_sampling", False):
+            if self.algo_cfg.dynamic_sampling:
                 # DAPO: groups whose rewards have zero variance carry no signal; drop them from
                 # the loss (DAPO also over-samples to refill the batch; we do not refill)
                 loss_weight = loss_weight * (~adv_fns.zero_std_groups(rewards))[:, None]
@@ -265,12 +266,12 @@ class GraceModule(L.LightningModule):
         return reward_fns.apply_truncation(
             total,
             truncated,
-            mode=c.get("truncation", "replace"),
-            value=c.get("truncation_value", -1.0),
+            mode=c.truncation,
+            value=c.truncation_value,
             lengths=lengths,
             max_len=int(self.rollout_cfg["max_new_tokens"]),
-            buffer=c.get("overlong_buffer"),
-            penalty_factor=float(c.get("overlong_penalty_factor", 1.0)),
+            buffer=c.overlong_buffer,
+            penalty_factor=float(c.overlong_penalty_factor),
         )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int):
@@ -291,7 +292,7 @@ class GraceModule(L.LightningModule):
 
     # ------------------------------------------------------------------ 1. rollout
     def policy_texts(self, batch) -> list[str]:
-        return batch["positive"] if self.reward_cfg["mode"] == "sup" else batch["text"]
+        return batch["positive"] if self.reward_cfg.mode == "sup" else batch["text"]
 
     @torch.no_grad()
     def rollout(self, batch) -> tuple[RolloutBatch, dict[str, torch.Tensor]]:
@@ -301,7 +302,7 @@ class GraceModule(L.LightningModule):
         b = len(texts)
         anchor_texts = (
             batch["query"] + [n for negs in batch["negatives"] for n in negs]
-            if self.reward_cfg["mode"] == "sup"
+            if self.reward_cfg.mode == "sup"
             else list(texts)
         )
         # ReMax: one greedy rollout per prompt (the estimator declares needs_greedy_baseline)
@@ -337,7 +338,7 @@ class GraceModule(L.LightningModule):
             if "completions" in self.term_inputs:  # decoded only when a reward term reads text
                 g = torch.arange(start, len(out.row_to_prompt), device=out.row_to_prompt.device)
                 self._greedy_completions = _select_rows(out, g, 0).response_texts(self.tokenizer)
-        if self.reward_cfg["mode"] == "sup":
+        if self.reward_cfg.mode == "sup":
             anchors["query"] = anchor_emb[:b]
             anchors["negatives"] = _pad_negatives(
                 anchor_emb[b:], [len(n) for n in batch["negatives"]]
@@ -391,11 +392,11 @@ class GraceModule(L.LightningModule):
         """
         c, need = self.reward_cfg, self.term_inputs
         b, k = policy_emb.shape[:2]
-        sup = c["mode"] == "sup"
+        sup = c.mode == "sup"
         inputs: dict[str, Any] = {
             "rollouts": self._gather(policy_emb),  # (B_global, K, D)
-            "tau": float(c["tau"]),
-            "mode": c["mode"],
+            "tau": float(c.tau),
+            "mode": c.mode,
             "max_new_tokens": int(self.rollout_cfg["max_new_tokens"]),
             "step": int(self.global_step),
         }
@@ -412,7 +413,7 @@ class GraceModule(L.LightningModule):
                 if value is None:
                     raise ValueError(f"a reward term reads {name!r}: pass it (text_inputs)")
                 inputs[name] = self._gather_objects(value)
-        terms = score_terms(self.reward_terms, inputs, float(c["tau"]))
+        terms = score_terms(self.reward_terms, inputs, float(c.tau))
         return {name: self._local(t, b) for name, t in terms.items()}
 
     def text_inputs(self, batch, ro: RolloutBatch) -> dict[str, list]:
@@ -476,7 +477,7 @@ class GraceModule(L.LightningModule):
             rewards,
             token_counts=token_counts,
             baseline=baseline,
-            scale=self.algo_cfg.get("scale_rewards", "none"),
+            scale=self.algo_cfg.scale_rewards,
             step=int(self.global_step),
         )
 
@@ -516,11 +517,11 @@ class GraceModule(L.LightningModule):
         block (``row_to_prompt + rank * B``). Unsupervised: the self-anchors, no negatives.
         """
         a = self.algo_cfg
-        alpha = float(a.get("contrastive_weight", 0.0))
+        alpha = float(a.contrastive_weight)
         if alpha <= 0:
             return None
         with autocast_off():
-            if self.reward_cfg["mode"] == "sup":
+            if self.reward_cfg.mode == "sup":
                 query = self._gather(anchors["query"]).float()  # (B_global, D)
                 negs = self._gather(anchors["negatives"]).float()  # (B_global, M, D)
             else:
@@ -532,8 +533,8 @@ class GraceModule(L.LightningModule):
             ro.row_to_prompt + offset,  # (N,) index into query
             self.prompter.system_len,
             weight=alpha,
-            tau=float(a.get("contrastive_tau", 0.05)),
-            in_batch=bool(a.get("contrastive_in_batch", True)),
+            tau=float(a.contrastive_tau),
+            in_batch=bool(a.contrastive_in_batch),
         )
 
     def update(
@@ -612,18 +613,18 @@ class GraceModule(L.LightningModule):
     def _rank_algo_cfg(self) -> dict:
         """``algo`` with this rank's share of the GLOBAL ``prompts_per_minibatch`` (verl's
         ppo_mini_batch_size): every rank steps on prompts_per_minibatch / world_size of its
-        groups, so one optimiser step sees prompts_per_minibatch groups over all ranks."""
+        groups, so one optimiser step sees prompts_per_minibatch groups over all ranks. A plain
+        dict, this rank's own copy (``self.algo_cfg`` is left as configured)."""
         world = max(1, int(self.trainer.world_size)) if self._trainer is not None else 1
-        a = dict(self.algo_cfg)
+        a = OmegaConf.to_container(self.algo_cfg)
         a["prompts_per_minibatch"] = max(1, int(a["prompts_per_minibatch"]) // world)
         return a
 
     def _skip_rollout_batch(self, b: int) -> int:
         """Skip every optimiser step of this rollout batch (non-finite rewards); -> steps."""
         opt = self.optimizers()
-        steps = math.ceil(b / self._rank_algo_cfg()["prompts_per_minibatch"]) * self.algo_cfg.get(
-            "num_iterations", 1
-        )
+        steps = math.ceil(b / self._rank_algo_cfg()["prompts_per_minibatch"])
+        steps *= self.algo_cfg.num_iterations
         for _ in range(steps):
             _skipped_step(opt)
         self.skipped_steps += steps
@@ -656,7 +657,7 @@ class GraceModule(L.LightningModule):
         prompt_len = ro.prompt_mask.sum(-1).float()[ro.row_to_prompt]  # (N,)
         step_tokens = float(self._gather((prompt_len + ro.lengths.float()).sum()[None]).sum())
         self.num_tokens += int(step_tokens)
-        if self.algo_cfg.get("scale_rewards", "none") == "batch":
+        if self.algo_cfg.scale_rewards == "batch":
             reward_std = _nanstd(rewards)
         else:
             reward_std = reward_fns.group_std(rewards).mean()
@@ -735,9 +736,8 @@ class GraceModule(L.LightningModule):
     def _steps_per_rollout(self) -> int:
         # global prompts / global mini-batch = per-rank prompts / per-rank mini-batch
         b = self.trainer.datamodule.prompts_per_step if self.trainer.datamodule else 1
-        return math.ceil(b / self.algo_cfg["prompts_per_minibatch"]) * self.algo_cfg.get(
-            "num_iterations", 1
-        )
+        a = self.algo_cfg
+        return math.ceil(b / a.prompts_per_minibatch) * a.num_iterations
 
     # ------------------------------------------------------------------ export
     def export(self, directory: str | Path) -> Path:

@@ -186,7 +186,7 @@ def step_estimate(cfg: DictConfig, gflops: float) -> dict[str, float]:
     p = min(int(cfg.prompt.max_prompt_tokens), 128)
     anchors = b * 2 if cfg.reward.mode == "sup" else b  # query + one negative, or the self-anchor
     parts = grace_step_flops(shape, [p] * b, [p] * anchors, k, r)
-    flops = float(parts["rollout"] + parts["update"]) * int(cfg.algo.get("num_iterations", 1))
+    flops = float(parts["rollout"] + parts["update"]) * int(cfg.algo.num_iterations)
     return {"flops": flops, "seconds": flops / (gflops * 1e9), "prompt_tokens": p}
 
 
@@ -229,7 +229,7 @@ def describe(cfg: DictConfig) -> str:
     """What the run is: backbone, preset, recipe and horizon, in a few words."""
     steps = int(cfg.trainer.get("max_steps", -1))
     per = max(1, math.ceil(int(cfg.data.prompts_per_step) / int(cfg.algo.prompts_per_minibatch)))
-    per *= int(cfg.algo.get("num_iterations", 1))
+    per *= int(cfg.algo.num_iterations)
     horizon = f"{steps // per} rollout batches" if steps > 0 else "no step limit"
     return (
         f"backbone={cfg.backbone.name} reward={cfg.reward.mode} "

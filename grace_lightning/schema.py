@@ -1,16 +1,24 @@
 """Typed config schema: Hydra structured configs for the groups this package's own code reads.
 
 Each dataclass is registered in Hydra's ``ConfigStore`` as ``<group>/schema`` and every option
-file of the group starts with ``defaults: [schema, _self_]``, so Hydra checks types and key names
-when it composes (``optim.lr=abc`` -> "Value 'abc' of type 'str' could not be converted to Float,
+file of the group starts with ``defaults: [schema, _self_]`` (``[schema, grpo, _self_]`` for the
+algorithms that extend ``algo/grpo.yaml``), so Hydra checks types and key names when it
+composes (``optim.lr=abc`` -> "Value 'abc' of type 'str' could not be converted to Float,
 full_key: optim.lr"; ``algo.epsilon=0.2`` -> "Key 'epsilon' not in 'AlgoConfig'"), before any
-model loads. The code reads its config through the same dataclasses (:func:`typed`), so no default is repeated as a
-``.get("key", default)``. The YAML files keep the documented values (what each knob means and
-where it comes from); ``tests/test_schema.py`` checks that the dataclass defaults equal them.
+model loads. The code reads its config through the same dataclasses (:func:`typed`), so no
+default is repeated as a ``.get("key", default)``. The YAML files keep the documented values
+(what each knob means and where it comes from); ``tests/test_config.py`` checks that the
+dataclass defaults equal those of each group's default option (``conf/train.yaml``) and that
+every key an option sets is a field.
+
+``algo.advantage`` and ``reward.terms`` hold Hydra ``_target_`` nodes that
+``grace_lightning/rl/targets.py`` resolves and checks (their keys are the called function's
+arguments, not a schema's), so they are ``Any``.
 
 Groups built straight from config into library objects (``trainer``, ``callbacks``, ``logger``,
 ``peft`` -> ``peft.LoraConfig``, ``data`` -> ``GraceDataModule``) are typed by those objects'
-own signatures; ``config.check_types`` checks their numeric knobs at startup.
+own signatures; ``config.check_types`` checks their numeric knobs at startup, and those of the
+top-level ``prompt`` node (a key of ``conf/train.yaml``, not a group).
 """
 
 from __future__ import annotations
@@ -20,8 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Optional[...] rather than `X | None`: OmegaConf 2.3 reads the annotations at runtime and
-# knows typing's Optional, not PEP 604 unions.
+# `X | None` = null allowed (OmegaConf 2.3 reads these annotations at runtime as Optional[X]).
 
 
 @dataclass
@@ -71,7 +78,65 @@ class RolloutConfig:
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
-SCHEMAS: dict[str, type] = {"optim": OptimConfig, "rollout": RolloutConfig}
+def _grpo_advantage() -> dict[str, Any]:
+    return {"_target_": "grace_lightning.rl.advantages.group_advantages"}
+
+
+@dataclass
+class AlgoConfig:
+    """Advantage and policy update (``conf/algo/grpo.yaml``, the default; the other options
+    extend it)."""
+
+    advantage: Any = field(default_factory=_grpo_advantage)  # a _target_ node (rl/targets.py)
+    scale_rewards: str = "none"
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    dual_clip: float | None = 3.0
+    num_iterations: int = 1
+    prompts_per_minibatch: int = 2
+    micro_batch_size: int | None = None
+    max_tokens_per_micro_batch: int | None = None
+    beta: float = 0.0
+    old_logprobs: str = "rollout"
+    share_prompt: bool = True
+    dynamic_sampling: bool = False
+    contrastive_weight: float = 0.0
+    contrastive_tau: float = 0.05
+    contrastive_in_batch: bool = True
+    pg_weight: float = 1.0
+    log_term_grad_norms_steps: int = 8
+
+
+@dataclass
+class RewardConfig:
+    """The GRACE reward (``conf/reward/sup.yaml``, the default; ``unsup.yaml``)."""
+
+    mode: str = "sup"
+    objective: str = "grace"
+    tau: float = 0.1
+    lambda_consistency: float = 0.2
+    lambda_hard: float = 0.2
+    negative_mode: str = "paper"  # reward=sup's neg term
+    hard_mode: str = "paper"  # reward=sup's hard term
+    cross_group: str = "paper"  # reward=unsup's hard term
+    # {<name>: {_target_: ..., weight: w, ...}} (rl/targets.py). None: the paper's terms for
+    # ``mode`` (rl/rewards.paper_terms, what reward/sup.yaml and unsup.yaml list). Not a dict
+    # default: Hydra merges an option's mapping INTO the schema's, so sup's terms would stay in
+    # reward=unsup.
+    terms: Any = None
+    truncation: str = "replace"
+    truncation_value: float = -1.0
+    overlong_buffer: int | None = None
+    overlong_penalty_factor: float = 1.0
+
+
+SCHEMAS: dict[str, type] = {
+    "optim": OptimConfig,
+    "rollout": RolloutConfig,
+    "algo": AlgoConfig,
+    "reward": RewardConfig,
+}
 
 
 def register() -> None:

@@ -91,11 +91,10 @@ def test_every_option_composes_and_validates_on_its_own(group, option, tmp_path)
 @pytest.mark.parametrize(
     "override_, message",
     [
-        ("algo.prompts_per_minibatch=1.5", "algo.prompts_per_minibatch: expected an integer"),
         ("trainer.max_steps=abc", "trainer.max_steps: expected an integer, got 'abc'"),
-        ("reward.tau=[0.1]", "reward.tau: expected a number, got"),
+        ("prompt.max_prompt_tokens=1.5", "prompt.max_prompt_tokens: expected an integer, got 1.5"),
         ("optim.betas=[0.9]", "optim.betas: expected two numbers like [0.9, 0.999], got [0.9]"),
-        ("algo.share_prompt=maybe", "algo.share_prompt: expected true or false, got 'maybe'"),
+        ("allow_cpu=maybe", "allow_cpu: expected true or false, got 'maybe'"),
         (
             "callbacks.model_checkpoint.every_n_rollout_batches=x",
             "callbacks.model_checkpoint.every_n_rollout_batches: expected an integer",
@@ -118,13 +117,23 @@ def test_wrong_types_name_the_key(override_, message, tmp_path):
         ("optim.grad_clip=off", "'off' of type 'str' could not be converted to Float"),
         ("rollout.vllm.sleep=maybe", "Value 'maybe' is not a valid bool"),
         ("rollout.topk=3", "Key 'topk' not in 'RolloutConfig'"),
+        ("algo.epsilon_low=abc", "Value 'abc' of type 'str' could not be converted to Float"),
+        ("algo.prompts_per_minibatch=1.5", "'1.5' of type 'float' could not be converted to Int"),
+        ("algo.dual_clip=off", "'off' of type 'str' could not be converted to Float"),
+        ("algo.share_prompt=maybe", "Value 'maybe' is not a valid bool"),
+        ("algo.epsilonlow=0.2", "Key 'epsilonlow' not in 'AlgoConfig'"),
+        ("reward.tau=x", "Value 'x' of type 'str' could not be converted to Float"),
+        ("reward.tau=[0.1]", "of type 'list' could not be converted to Float"),
+        ("reward.overlong_buffer=1.5", "'1.5' of type 'float' could not be converted to Integer"),
+        ("reward.lambdahard=0.5", "Key 'lambdahard' not in 'RewardConfig'"),
     ],
 )
 def test_typed_groups_refuse_wrong_types_and_unknown_keys_when_composed(
     override_, message, tmp_path
 ):
-    """optim and rollout have a typed schema (grace_lightning/schema.py): Hydra refuses a
-    wrong type or a misspelt key while composing, naming the key, before train() runs."""
+    """optim, rollout, algo and reward have a typed schema (grace_lightning/schema.py): Hydra
+    refuses a wrong type or a misspelt key while composing, naming the key, before train()
+    runs."""
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException) as err:
@@ -133,17 +142,67 @@ def test_typed_groups_refuse_wrong_types_and_unknown_keys_when_composed(
     assert message in text and f"full_key: {override_.split('=')[0]}" in text
 
 
-def test_schema_defaults_are_the_documented_yaml_values():
-    """The dataclasses' defaults (what a module built from Python gets) equal the values that
-    conf/<group>/<default>.yaml documents."""
+def _option(group: str, option: str) -> tuple[list, dict]:
+    """(defaults list, the keys it sets) of conf/<group>/<option>.yaml as written."""
     from omegaconf import OmegaConf
 
-    from grace_lightning.schema import OptimConfig, RolloutConfig
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    return yaml.pop("defaults", []), yaml
 
-    for cls, path in ((OptimConfig, "optim/adamw.yaml"), (RolloutConfig, "rollout/default.yaml")):
-        yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / path))
-        yaml.pop("defaults")
-        assert OmegaConf.to_container(OmegaConf.structured(cls)) == yaml, path
+
+def _typed_options() -> list[tuple[str, str]]:
+    from grace_lightning.schema import SCHEMAS
+
+    return [(g, o) for g, o in OPTIONS if g in SCHEMAS]
+
+
+def test_schema_defaults_are_the_documented_yaml_values():
+    """The dataclasses' defaults (what a module built from Python gets) equal the values that
+    the group's default option (conf/train.yaml's defaults list) documents; a field that option
+    does not set is documented by another option of the group (reward.cross_group: unsup)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from grace_lightning.rl.targets import term_configs
+    from grace_lightning.schema import SCHEMAS, typed
+
+    assert set(SCHEMAS) == {"optim", "rollout", "algo", "reward"}
+    chosen = {
+        k: v
+        for entry in OmegaConf.load(CONF / "train.yaml").defaults
+        if isinstance(entry, DictConfig)
+        for k, v in entry.items()
+    }
+    for group, cls in SCHEMAS.items():
+        path = f"{group}/{chosen[group]}.yaml"
+        defaults, yaml = _option(group, chosen[group])
+        assert defaults == ["schema", "_self_"], path
+        schema = OmegaConf.to_container(OmegaConf.structured(cls))
+        if group == "reward":
+            # terms: None = the paper's terms for reward.mode, which are what the YAML lists
+            # (the mapping cannot be a dict default: Hydra would merge sup's terms into unsup's)
+            assert schema.pop("terms") is None
+            resolved = OmegaConf.create({"reward": yaml})
+            want = OmegaConf.to_container(resolved.reward.terms, resolve=True)
+            assert term_configs(typed(cls, None)) == want, path
+            yaml.pop("terms")
+        assert {k: schema[k] for k in yaml} == yaml, path
+        others = set().union(*(_option(g, o)[1] for g, o in OPTIONS if g == group))
+        assert set(schema) - set(yaml) <= others, f"{path}: undocumented schema fields"
+
+
+@pytest.mark.parametrize("group, option", _typed_options(), ids=lambda x: str(x))
+def test_every_option_of_a_typed_group_sets_schema_fields_only(group, option):
+    """Each option file of a typed group starts from the schema (``defaults: [schema, ...,
+    _self_]``; algo=dapo etc. extend grpo after it), and every key it sets is a schema field:
+    a key the schema lacks would fail to compose."""
+    from omegaconf import OmegaConf
+
+    from grace_lightning.schema import SCHEMAS
+
+    defaults, yaml = _option(group, option)
+    assert defaults[0] == "schema" and defaults[-1] == "_self_", defaults
+    fields = set(OmegaConf.structured(SCHEMAS[group]))
+    assert set(yaml) <= fields, f"not in {SCHEMAS[group].__name__}: {set(yaml) - fields}"
 
 
 def test_optim_lr_abc_fails_before_any_model_or_data_loads(tmp_path, monkeypatch):

@@ -3,10 +3,12 @@ numbers, under bf16 autocast, through the module's config keys and the startup c
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from grace_lightning.config import ConfigError, validate
 from grace_lightning.module import GraceModule
@@ -16,6 +18,7 @@ from grace_lightning.rl.rewards import (
     overlong_buffer_tokens,
     overlong_penalty,
 )
+from grace_lightning.schema import RewardConfig, typed
 
 from .test_train import make_cfg
 
@@ -117,15 +120,17 @@ def test_soft_is_fp32_under_bf16_autocast():
 
 def test_module_passes_the_config_keys():
     """GraceModule._truncate reads reward.truncation / overlong_* and rollout.max_new_tokens."""
+    soft = {"truncation": "soft", "overlong_buffer": 4, "overlong_penalty_factor": 2.0}
     fake = SimpleNamespace(
-        reward_cfg={"truncation": "soft", "overlong_buffer": 4, "overlong_penalty_factor": 2.0},
+        reward_cfg=typed(RewardConfig, soft),  # as GraceModule holds it
         rollout_cfg={"max_new_tokens": 10},
     )
     out, w = GraceModule._truncate(
         fake, torch.tensor([[1.0, 1.0]]), torch.tensor([[False, True]]), torch.tensor([[8, 10]])
     )
     torch.testing.assert_close(out, torch.tensor([[0.0, -1.0]]))  # 1 - 2*0.5, 1 - 2*1
-    fake.reward_cfg = {"truncation": "soft"}  # defaults: 20% buffer (2 tokens), factor 1
+    # the schema's defaults: buffer null = 20% (2 tokens), factor 1
+    fake.reward_cfg = typed(RewardConfig, {"truncation": "soft"})
     out, _ = GraceModule._truncate(
         fake, torch.tensor([[1.0, 1.0]]), torch.tensor([[False, True]]), torch.tensor([[9, 10]])
     )
@@ -141,14 +146,19 @@ def test_module_passes_the_config_keys():
             "set reward.overlong_buffer to at most 16",
         ),
         (["reward.truncation=soft", "reward.overlong_buffer=0"], "reward.overlong_buffer=0"),
-        (["reward.overlong_buffer=1.5"], "reward.overlong_buffer: expected an integer"),
+        (
+            ["reward.overlong_buffer=1.5"],
+            "converted to Integer\n *full_key: reward.overlong_buffer",
+        ),
         (["reward.overlong_penalty_factor=-1"], "reward.overlong_penalty_factor=-1"),
     ],
 )
 def test_bad_length_config_fails_at_startup(overrides, message, tmp_path):
-    cfg = make_cfg(overrides, tmp_path)
-    with pytest.raises(ConfigError, match=message):
-        validate(cfg)
+    # a wrong type fails while composing (reward is a typed group, grace_lightning/schema.py;
+    # Hydra names full_key), a value out of range in validate: both before any model loads
+    with pytest.raises((ConfigCompositionException, ConfigError)) as err:
+        validate(make_cfg(overrides, tmp_path))
+    assert re.search(message, f"{err.value} {err.value.__cause__}")
 
 
 @pytest.mark.parametrize("reward", ["sup", "unsup"])

@@ -443,7 +443,7 @@ def test_v3_every_stage_composes_and_validates(tmp_path):
     stages = plan(study)
     trains = [s for s in stages if s.kind == "train"]
     evals = [s for s in stages if s.kind == "eval"]
-    assert len(trains) == 6 + 10 * 3  # 6 sweep runs, 10 trained arms x 3 seeds
+    assert len(trains) == 10 + 10 * 3  # 10 sweep runs, 10 trained arms x 3 seeds
     assert len(evals) == 2 + 12 * 3  # Base, w/ reasoning once; 12 evaluated arms x 3 seeds
     assert not [s for s in stages if s.kind == "general"]  # the proxy is left out (v3)
     # seed-major: sweeps, untrained rows, then every stage of seed 0 before any of seed 1, ...
@@ -510,7 +510,7 @@ def test_v3_dry_run_prints_arms_seeds_budget_and_estimate(tmp_path, capsys):
     for arm, row in study.rows.items():
         seeded = row.get("train") is not None or row.get("eval_of") is not None
         assert re.search(rf"^{arm}\s+{'0,1,2' if seeded else '-'}\s", text, re.M), arm
-    assert "sweep infonce: lr in [2e-05, 5e-05, 0.0001]" in text
+    assert "sweep infonce: lr in [2e-05, 5e-05, 0.0001, 0.0003, 0.001]" in text
     hours = float(re.search(r"Estimated total: \d+ min = ([\d.]+) h", text).group(1))
     assert 6.0 <= hours <= 8.0, hours  # issue 19: 6-8 hours on 2 cores at most
     assert "optim.lr=<chosen-by-sweep-infonce>" in text  # decided after the sweep runs
@@ -528,7 +528,7 @@ def test_v3_sweep_picks_the_lr_with_the_best_last_dev_score(tmp_path):
     from grace_lightning.study.stages import train_argv
     from grace_lightning.study.v3 import chosen_lr
 
-    cfg = v3_cfg(tmp_path)
+    cfg = v3_cfg(tmp_path, "sweeps.infonce.lrs=[2e-5,5e-5,1e-4]")
     out = tmp_path / "study" / "sweeps" / "infonce"
     _fake_sweep_run(out / "lr2e-05" / "train", [40.0, 70.0, 50.0])  # best mid-run, not at the end
     _fake_sweep_run(out / "lr5e-05" / "train", [40.0, 55.0])

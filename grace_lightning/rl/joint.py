@@ -57,6 +57,7 @@ from torch import Tensor
 from grace_lightning.rl.policy import _is_checkpointing, token_logprobs
 from grace_lightning.rl.precision import f32, full_precision
 from grace_lightning.rollout.engine import cache_kwarg, pooling_mask, positions_from_mask
+from grace_lightning.schema import AlgoConfig
 
 __all__ = [
     "JointTargets",
@@ -306,20 +307,21 @@ def joint_infonce_loss(
 
 def validate_joint_config(algo, error: type[Exception] = ValueError) -> None:
     """Startup checks of ``algo.contrastive_weight`` / ``contrastive_tau`` /
-    ``contrastive_in_batch`` (absent keys = the paper: off). Raises ``error(what to change)``."""
-    alpha = algo.get("contrastive_weight", 0.0)
+    ``contrastive_in_batch`` (values as given; absent keys = the schema's defaults, the paper:
+    off). Raises ``error(what to change)``."""
+    alpha = algo.get("contrastive_weight", AlgoConfig.contrastive_weight)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha < 0:
         raise error(
             f"algo.contrastive_weight={alpha!r}: the joint InfoNCE weight alpha must be a number "
             f">= 0 (0 = the paper: policy gradient only)"
         )
-    tau = algo.get("contrastive_tau", 0.05)
+    tau = algo.get("contrastive_tau", AlgoConfig.contrastive_tau)
     if isinstance(tau, bool) or not isinstance(tau, int | float) or tau <= 0:
         raise error(
             f"algo.contrastive_tau={tau!r}: the joint InfoNCE temperature must be > 0 "
             f"(the InfoNCE baseline's, method=infonce: 0.05)"
         )
-    in_batch = algo.get("contrastive_in_batch", True)
+    in_batch = algo.get("contrastive_in_batch", AlgoConfig.contrastive_in_batch)
     if not isinstance(in_batch, bool):
         raise error(f"algo.contrastive_in_batch={in_batch!r}: use true or false")
 

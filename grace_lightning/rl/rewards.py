@@ -34,6 +34,7 @@ from torch import Tensor
 
 from grace_lightning.rl.precision import f32 as _f32
 from grace_lightning.rl.precision import full_precision
+from grace_lightning.schema import RewardConfig
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -407,14 +408,15 @@ def apply_truncation(
 
 def validate_truncation_config(reward, max_new_tokens: int, error: type[Exception] = ValueError):
     """Startup checks of ``reward.truncation`` and, for ``soft``, ``reward.overlong_buffer`` /
-    ``reward.overlong_penalty_factor``. Raises ``error(what to change)``."""
-    mode = reward.get("truncation", "replace")
+    ``reward.overlong_penalty_factor`` (values as given; absent keys = the schema's defaults).
+    Raises ``error(what to change)``."""
+    mode = reward.get("truncation", RewardConfig.truncation)
     if mode not in TRUNCATION_MODES:
         raise error(f"reward.truncation={mode!r}: use replace, mask, soft or off")
-    buffer = reward.get("overlong_buffer")
+    buffer = reward.get("overlong_buffer", RewardConfig.overlong_buffer)
     if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int)):
         raise error(f"reward.overlong_buffer={buffer!r}: a whole number of tokens, or null")
-    factor = reward.get("overlong_penalty_factor", 1.0)
+    factor = reward.get("overlong_penalty_factor", RewardConfig.overlong_penalty_factor)
     if isinstance(factor, bool) or not isinstance(factor, int | float) or factor < 0:
         raise error(f"reward.overlong_penalty_factor={factor!r}: use a number >= 0 (DAPO/verl 1.0)")
     if mode != "soft" or buffer is None:

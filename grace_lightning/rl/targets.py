@@ -293,23 +293,25 @@ def resolve_advantage(node: Any) -> AdvantageEstimator:
     )
 
 
-def term_configs(reward: Mapping) -> dict[str, Mapping]:
+def term_configs(reward: Any) -> dict[str, Mapping]:
     """``reward.terms`` as the run uses them: null entries dropped (``reward.terms.hard=null``
     turns a term off), ``reward.objective=infonce`` applied (the built-in GRACE terms give way to
     the InfoNCE term, weight tau so that the total is its log-probability; terms of your own stay),
-    and the paper's terms for configs without ``terms`` (older checkpoints)."""
+    and the paper's terms for configs without ``terms`` (older checkpoints, dicts built in
+    Python). ``reward``: a DictConfig or dict; absent keys take the schema's defaults."""
     from grace_lightning.rl.rewards import paper_terms
+    from grace_lightning.schema import RewardConfig, typed
 
-    reward = _plain(reward)
-    terms = reward.get("terms")
+    reward = typed(RewardConfig, reward)
+    terms = _plain(reward.terms)
     if terms is None:
         terms = paper_terms(
-            reward.get("mode", "sup"),
-            lambda_consistency=reward.get("lambda_consistency", 0.2),
-            lambda_hard=reward.get("lambda_hard", 0.2),
-            negative_mode=reward.get("negative_mode", "paper"),
-            hard_mode=reward.get("hard_mode", "paper"),
-            cross_group=reward.get("cross_group", "paper"),
+            reward.mode,
+            lambda_consistency=reward.lambda_consistency,
+            lambda_hard=reward.lambda_hard,
+            negative_mode=reward.negative_mode,
+            hard_mode=reward.hard_mode,
+            cross_group=reward.cross_group,
         )
     if not isinstance(terms, Mapping):
         raise ConfigError(
@@ -317,10 +319,10 @@ def term_configs(reward: Mapping) -> dict[str, Mapping]:
             f"{{<name>: {{_target_: <module>.<function>, weight: <number>}}}}"
         )
     terms = {str(n): t for n, t in terms.items() if t is not None}
-    objective = reward.get("objective", "grace")
+    objective = reward.objective
     if objective == "infonce":
         own = {n: t for n, t in terms.items() if not _is_builtin_term(t)}
-        terms = {"infonce": {"_target_": INFONCE_TERM, "weight": reward.get("tau", 0.1)}, **own}
+        terms = {"infonce": {"_target_": INFONCE_TERM, "weight": reward.tau}, **own}
     elif objective != "grace":
         raise ConfigError(
             f"reward.objective={objective!r}: use grace (the terms in reward.terms) or infonce "
@@ -339,7 +341,7 @@ def _is_builtin_term(node: Any) -> bool:
     return isinstance(target, str) and target.startswith(_BUILTIN_REWARDS)
 
 
-def resolve_terms(reward: Mapping) -> list[RewardTerm]:
+def resolve_terms(reward: Any) -> list[RewardTerm]:
     """``reward`` (its ``terms``, ``objective``, ``tau``) -> the reward terms, in config order."""
     out = []
     for name, node in term_configs(reward).items():

@@ -39,6 +39,7 @@ from grace_lightning.rl.joint import JointTargets, rows_logprobs_and_embedding
 from grace_lightning.rl.losses import clipped_policy_loss, kl_k3
 from grace_lightning.rl.policy import _is_checkpointing, response_logprobs
 from grace_lightning.rl.precision import autocast_off
+from grace_lightning.schema import AlgoConfig, OptimConfig, RolloutConfig, typed
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -68,37 +69,42 @@ class UpdateConfig:
     log_term_grad_norms_steps: int = 0  # first optimiser steps that log grad_norm/{pg,joint}
 
     @classmethod
-    def from_cfg(cls, algo: dict, rollout: dict, optim: dict) -> UpdateConfig:
+    def from_cfg(cls, algo: Any, rollout: Any, optim: Any) -> UpdateConfig:
+        """From the ``algo``, ``rollout`` and ``optim`` configs (DictConfigs or dicts, e.g.
+        ``GraceModule._rank_algo_cfg()``); absent keys take the schema's defaults
+        (grace_lightning/schema.py)."""
+        a, r, o = typed(AlgoConfig, algo), typed(RolloutConfig, rollout), typed(OptimConfig, optim)
         return cls(
-            num_generations=int(rollout["num_generations"]),
-            prompts_per_minibatch=int(algo["prompts_per_minibatch"]),
-            max_completion_length=int(rollout["max_new_tokens"]),
-            num_iterations=int(algo.get("num_iterations", 1)),
-            micro_batch_size=algo.get("micro_batch_size"),
-            max_tokens_per_micro_batch=algo.get("max_tokens_per_micro_batch"),
-            loss_type=algo.get("loss_type", "dapo"),
-            epsilon_low=float(algo.get("epsilon_low", 0.2)),
-            epsilon_high=float(algo.get("epsilon_high", 0.2)),
-            dual_clip=algo.get("dual_clip"),
-            beta=float(algo.get("beta", 0.0)),
-            share_prompt=bool(algo.get("share_prompt", True)),
-            old_logprobs=algo.get("old_logprobs", "rollout"),
-            grad_clip=optim.get("grad_clip", 1.0),
-            pg_weight=float(algo.get("pg_weight", 1.0)),
-            log_term_grad_norms_steps=int(algo.get("log_term_grad_norms_steps", 0) or 0),
+            num_generations=r.num_generations,
+            prompts_per_minibatch=a.prompts_per_minibatch,
+            max_completion_length=r.max_new_tokens,
+            num_iterations=a.num_iterations,
+            micro_batch_size=a.micro_batch_size,
+            max_tokens_per_micro_batch=a.max_tokens_per_micro_batch,
+            loss_type=a.loss_type,
+            epsilon_low=a.epsilon_low,
+            epsilon_high=a.epsilon_high,
+            dual_clip=a.dual_clip,
+            beta=a.beta,
+            share_prompt=a.share_prompt,
+            old_logprobs=a.old_logprobs,
+            grad_clip=o.grad_clip,
+            pg_weight=a.pg_weight,
+            log_term_grad_norms_steps=a.log_term_grad_norms_steps,
         )
 
 
 def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> None:
     """Startup checks of the update knobs; raises ``error(message saying what to change)``.
 
-    ``cfg`` is the composed run config (``cfg.algo``, ``cfg.rollout``, ``cfg.prompt``).
-    ``config.validate`` calls this with its ``ConfigError`` (no import cycle: this module never
-    imports ``grace_lightning.config``).
+    ``cfg`` is the composed run config (``cfg.algo``, ``cfg.rollout``, ``cfg.prompt``), or one
+    built in Python: values are checked as given, absent ``algo`` keys take the schema's defaults
+    (grace_lightning/schema.py). ``config.validate`` calls this with its ``ConfigError`` (no
+    import cycle: this module never imports ``grace_lightning.config``).
     """
     a, r = cfg.algo, cfg.rollout
     rows = int(a.prompts_per_minibatch) * int(r.num_generations)
-    mbs = a.get("micro_batch_size")
+    mbs = a.get("micro_batch_size", AlgoConfig.micro_batch_size)
     if mbs is not None:
         if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
             raise error(f"algo.micro_batch_size={mbs!r}: use a whole number >= 1, or null (off)")
@@ -109,7 +115,7 @@ def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> Non
                 f"rollout.num_generations={r.num_generations} = {rows} rows): set "
                 f"algo.micro_batch_size<={rows}, or null to run the mini-batch in one pass"
             )
-    budget = a.get("max_tokens_per_micro_batch")
+    budget = a.get("max_tokens_per_micro_batch", AlgoConfig.max_tokens_per_micro_batch)
     if budget is not None:
         if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
             raise error(
@@ -124,24 +130,24 @@ def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> Non
                 f"rollout.max_new_tokens={r.max_new_tokens} = {worst} tokens. Set "
                 f"algo.max_tokens_per_micro_batch>={worst} (verl asserts the same)"
             )
-    old = a.get("old_logprobs", "rollout")
+    old = a.get("old_logprobs", AlgoConfig.old_logprobs)
     if old not in ("rollout", "recompute"):
         raise error(f"algo.old_logprobs={old!r}: use rollout or recompute")
-    n = a.get("num_iterations", 1)
+    n = a.get("num_iterations", AlgoConfig.num_iterations)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise error(f"algo.num_iterations={n!r}: use a whole number >= 1 (verl ppo_epochs)")
-    w = a.get("pg_weight", 1.0)
+    w = a.get("pg_weight", AlgoConfig.pg_weight)
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
         raise error(
             f"algo.pg_weight={w!r}: the policy-gradient term's weight must be a number >= 0 "
             f"(1 = GRACE, 0 = the joint contrastive loss alone)"
         )
-    if w == 0 and not float(a.get("contrastive_weight", 0.0) or 0.0) > 0:
+    if w == 0 and not float(a.get("contrastive_weight", AlgoConfig.contrastive_weight) or 0) > 0:
         raise error(
             "algo.pg_weight=0 with algo.contrastive_weight=0 leaves no loss to train on: set "
             "algo.contrastive_weight>0 (e.g. 0.5) for the joint loss alone, or algo.pg_weight>0"
         )
-    steps = a.get("log_term_grad_norms_steps", 0)
+    steps = a.get("log_term_grad_norms_steps", AlgoConfig.log_term_grad_norms_steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise error(f"algo.log_term_grad_norms_steps={steps!r}: use a whole number >= 0 (0 = off)")
 
