@@ -760,3 +760,32 @@ def test_v3_a_changed_sweep_choice_redoes_the_lineage_trained_with_the_old_one(t
     assert restore_records(cfg, stages) == 0
     shutil.rmtree(out / "sweeps")
     assert restore_records(cfg, stages) == 2
+
+
+def test_a_stage_records_the_cpu_other_processes_used(tmp_path, monkeypatch):
+    """DONE.json and attempts.jsonl carry others_cpu_share: the machine's busy CPU seconds
+    (/proc/stat) minus the stage's own (its rusage), over wall x cores. Here a second process
+    burns one core for the whole stage: on 2 cores that is ~50% of the machine."""
+    import os
+    import subprocess
+    import sys
+
+    from grace_lightning.study import stages as st
+
+    assert st.others_cpu_share(100.0, 110.0, 4.0, 5.0) == round(6.0 / (5.0 * os.cpu_count()), 3)
+    assert st.others_cpu_share(100.0, 103.0, 4.0, 5.0) == 0.0  # never negative
+    assert st.others_cpu_share(None, 103.0, 4.0, 5.0) is None  # no /proc
+    assert st.busy_cpu_seconds() > 0
+
+    stage = st.Stage("row", "eval", tmp_path / "row" / "eval")
+    stage.argv = [sys.executable, "-c", "import time; time.sleep(3)"]
+    burn = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        st.run_subprocess(stage)
+    finally:
+        burn.kill()
+    done = json.loads(stage.done_file.read_text())
+    attempt = json.loads((stage.dir / "attempts.jsonl").read_text().splitlines()[-1])
+    assert done["others_cpu_share"] == attempt["others_cpu_share"]
+    # the burner alone is 1 / cores of the machine; whatever else runs here adds to it
+    assert done["others_cpu_share"] >= 0.8 / os.cpu_count()

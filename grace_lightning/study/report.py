@@ -107,6 +107,8 @@ def train_budget(train_dir: Path) -> dict[str, Any]:
         "peft": "LoRA" if OmegaConf.select(cfg, "peft") else "full",
         "max_new_tokens": OmegaConf.select(cfg, "rollout.max_new_tokens") if is_grace else None,
         "minutes": round(done["seconds_all_attempts"] / 60, 1) if done else None,
+        # CPU used by other processes during the run (stages.others_cpu_share; older runs: None)
+        "others_cpu_share": done.get("others_cpu_share"),
     }
 
 
@@ -153,8 +155,8 @@ def _fmt(x: Any) -> str:
 
 def budget_table(records: Sequence[Mapping[str, Any]]) -> str:
     lines = [
-        "| Row | Trains | Data | Starts from | Optimiser steps | Examples (rollouts) | lr | Weights | Max rationale tokens | Train budget min | Train min | Eval min |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| Row | Trains | Data | Starts from | Optimiser steps | Examples (rollouts) | lr | Weights | Max rationale tokens | Train budget min | Train min | Others' CPU | Eval min |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         b = r["budget"]
@@ -168,9 +170,15 @@ def budget_table(records: Sequence[Mapping[str, Any]]) -> str:
             f"{start or '–'} | {_fmt(b.get('steps'))} | "
             f"{examples} | {_fmt(b.get('lr'))} | {b.get('peft', '–')} | "
             f"{_fmt(tokens)} | {_fmt(b.get('budget_minutes'))} | "
-            f"{_fmt(b.get('minutes'))} | {_fmt(r['eval_minutes'])} |"
+            f"{_fmt(b.get('minutes'))} | {_share(b.get('others_cpu_share'))} | "
+            f"{_fmt(r['eval_minutes'])} |"
         )
     return "\n".join(lines)
+
+
+def _share(x: float | None) -> str:
+    """Others' CPU during a training (``None``: not recorded, runs before it was)."""
+    return "–" if x is None else f"{100 * x:.0f}%"
 
 
 def study_tables(records: Sequence[Mapping[str, Any]]) -> str:

@@ -406,13 +406,13 @@ def _attempts(stage: Stage) -> list[dict[str, Any]]:
     return rows
 
 
-def _record_attempt(stage: Stage, seconds: float, rc: int) -> None:
+def _record_attempt(stage: Stage, seconds: float, rc: int, others: float | None = None) -> None:
     stage.dir.mkdir(parents=True, exist_ok=True)
+    rec = {"seconds": round(seconds, 1), "rc": rc, "at": time.strftime("%FT%T")}
+    if others is not None:
+        rec["others_cpu_share"] = others
     with open(stage.dir / ATTEMPTS, "a") as f:
-        f.write(
-            json.dumps({"seconds": round(seconds, 1), "rc": rc, "at": time.strftime("%FT%T")})
-            + "\n"
-        )
+        f.write(json.dumps(rec) + "\n")
 
 
 def _tail(path: Path, n: int = 30) -> str:
@@ -468,9 +468,41 @@ def _call(argv: list[str], env: dict[str, str], logf) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: every state but
+    idle and iowait, all cores); None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def others_cpu_share(busy0, busy1, own_cpu: float, wall: float) -> float | None:
+    """The fraction of the machine's CPU (wall x cores) that processes other than the stage used
+    while it ran: ~0 on a quiet machine. A wall-time budget buys less work when it is not."""
+    if busy0 is None or busy1 is None or wall <= 0:
+        return None
+    return round(max(0.0, (busy1 - busy0 - own_cpu) / (wall * (os.cpu_count() or 1))), 3)
+
+
+# a budgeted training stage beside other work: its budget bought less (the report shows it)
+CONTENDED = 0.05
+
+
 def run_subprocess(stage: Stage) -> None:
     stage.dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PROJECT_ROOT": str(REPO_ROOT)}
+    busy0, own0 = busy_cpu_seconds(), children_cpu_seconds()
     t0 = time.time()
     with open(stage.log_file, "a") as logf:
         logf.write(f"\n=== {time.strftime('%FT%T')} {' '.join(stage.argv)}\n")
@@ -483,7 +515,16 @@ def run_subprocess(stage: Stage) -> None:
             _record_attempt(stage, time.time() - t0, -1)
             raise
     seconds = time.time() - t0
-    _record_attempt(stage, seconds, rc)
+    others = others_cpu_share(busy0, busy_cpu_seconds(), children_cpu_seconds() - own0, seconds)
+    _record_attempt(stage, seconds, rc, others)
+    if stage.kind == "train" and others is not None and others > CONTENDED:
+        log.warning(
+            "%s/train: other processes used %.0f%% of the CPU during its wall-time budget (it "
+            "bought less work than on a quiet machine); to redo it, delete %s",
+            stage.row,
+            100 * others,
+            stage.dir,
+        )
     if rc != 0:
         raise StageFailed(
             f"study stage {stage.row}/{stage.kind} failed (exit {rc}); log: {stage.log_file}\n"
@@ -499,6 +540,7 @@ def run_subprocess(stage: Stage) -> None:
         "attempts": len(attempts),
         "finished_at": time.strftime("%FT%T"),
         "cpu": cpu_name(),
+        "others_cpu_share": others,  # CPU used by other processes (0 = a quiet machine)
     }
     atomic_write(stage.done_file, lambda f: f.write(json.dumps(done, indent=2) + "\n"), mode="w")
 
