@@ -311,4 +311,6 @@ def validate(cfg: DictConfig) -> None:
         # the update loop's own checks (micro-batch sizes, token budgets), when it has them
         update = importlib.import_module("grace_lightning.rl.update")
         if hasattr(update, "validate_update_config"):
-            update.validate_update_config(cfg, ConfigError)
+            from grace_lightning.presets import world_size
+
+            update.validate_update_config(cfg, ConfigError, world=world_size(cfg))

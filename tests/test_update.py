@@ -156,7 +156,7 @@ def cfg_with(**algo):
 @pytest.mark.parametrize(
     "algo, message",
     [
-        ({"micro_batch_size": 9}, r"micro_batch_size=9 is larger than a mini-batch.*<=8"),
+        ({"micro_batch_size": 9}, r"micro_batch_size=9 is larger than a rank's mini-batch.*<=8"),
         ({"micro_batch_size": 0}, "micro_batch_size=0"),
         ({"micro_batch_size": "abc"}, "micro_batch_size='abc'"),
         ({"max_tokens_per_micro_batch": 149}, r"cannot hold one row.*>=150"),
@@ -168,6 +168,15 @@ def test_bad_update_knobs_fail_with_what_to_change(algo, message):
     with pytest.raises(ValueError, match=message):
         validate_update_config(cfg_with(**algo))
     validate_update_config(cfg_with(micro_batch_size=8, max_tokens_per_micro_batch=150))
+
+
+def test_micro_batch_size_is_bounded_by_a_ranks_share_of_the_global_mini_batch():
+    """algo.prompts_per_minibatch is global (split over the ranks), micro_batch_size per rank
+    (verl per_gpu): 2 prompts x 4 rollouts over 2 ranks = 4 rows a rank."""
+    validate_update_config(cfg_with(micro_batch_size=4), world=2)
+    with pytest.raises(ValueError, match=r"micro_batch_size=8 .* / 2 ranks .* = 4 rows.*<=4"):
+        validate_update_config(cfg_with(micro_batch_size=8), world=2)
+    validate_update_config(cfg_with(micro_batch_size=8), world=None)  # unknown world: as 1
 
 
 def test_nonfinite_gradient_skips_the_step_without_touching_weights_or_optimiser(setup):

@@ -94,8 +94,13 @@ class UpdateConfig:
         )
 
 
-def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> None:
+def validate_update_config(
+    cfg: Any, error: type[Exception] = ValueError, world: int | None = 1
+) -> None:
     """Startup checks of the update knobs; raises ``error(message saying what to change)``.
+    ``world``: the ranks (devices x nodes; None: unknown, taken as 1) that split the GLOBAL
+    ``algo.prompts_per_minibatch``, while ``algo.micro_batch_size`` is per rank (verl's
+    ppo_micro_batch_size_per_gpu).
 
     ``cfg`` is the composed run config (``cfg.algo``, ``cfg.rollout``, ``cfg.prompt``), or one
     built in Python: values are checked as given, absent ``algo`` keys take the schema's defaults
@@ -103,15 +108,18 @@ def validate_update_config(cfg: Any, error: type[Exception] = ValueError) -> Non
     import cycle: this module never imports ``grace_lightning.config``).
     """
     a, r = cfg.algo, cfg.rollout
-    rows = int(a.prompts_per_minibatch) * int(r.num_generations)
+    world = max(1, int(world or 1))
+    per_rank = max(1, int(a.prompts_per_minibatch) // world)  # as GraceModule._rank_algo_cfg
+    rows = per_rank * int(r.num_generations)
     mbs = a.get("micro_batch_size", AlgoConfig.micro_batch_size)
     if mbs is not None:
         if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
             raise error(f"algo.micro_batch_size={mbs!r}: use a whole number >= 1, or null (off)")
         if mbs > rows:
+            ranks = f" / {world} ranks" if world > 1 else ""
             raise error(
-                f"algo.micro_batch_size={mbs} is larger than a mini-batch "
-                f"(algo.prompts_per_minibatch={a.prompts_per_minibatch} x "
+                f"algo.micro_batch_size={mbs} is larger than a rank's mini-batch "
+                f"(algo.prompts_per_minibatch={a.prompts_per_minibatch}{ranks} x "
                 f"rollout.num_generations={r.num_generations} = {rows} rows): set "
                 f"algo.micro_batch_size<={rows}, or null to run the mini-batch in one pass"
             )
