@@ -443,7 +443,7 @@ def test_v3_every_stage_composes_and_validates(tmp_path):
     stages = plan(study)
     trains = [s for s in stages if s.kind == "train"]
     evals = [s for s in stages if s.kind == "eval"]
-    assert len(trains) == 10 + 10 * 3  # 10 sweep runs, 10 trained arms x 3 seeds
+    assert len(trains) == 11 + 10 * 3  # 11 sweep runs, 10 trained arms x 3 seeds
     assert len(evals) == 2 + 12 * 3  # Base, w/ reasoning once; 12 evaluated arms x 3 seeds
     assert not [s for s in stages if s.kind == "general"]  # the proxy is left out (v3)
     # seed-major: sweeps, untrained rows, then every stage of seed 0 before any of seed 1, ...
