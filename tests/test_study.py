@@ -356,6 +356,11 @@ def test_report_has_intervals_general_columns_and_collapse_and_dev_panels(tmp_pa
     for png in ("collapse.png", "dev_score.png", "reward_curves.png"):
         assert (report_dir / png).stat().st_size > 0, png
     assert "collapse.png" in block and "dev_score.png" in block
+    # study.md sits beside its figures (bare names, as mkdocs and GitHub resolve them); the
+    # returned block is for README.md at the repo root
+    page = (report_dir / "study.md").read_text()
+    assert "![collapse metrics](collapse.png)" in page
+    assert f"![collapse metrics]({report_dir}/collapse.png)" in block  # tmp: outside the repo
     csv_row = (report_dir / "results.csv").read_text().splitlines()[2].split(",")
     assert [float(x) for x in csv_row[-2:]] == [round(x, 2) for x in boot["grace"]["avg_ci"]]
 

@@ -452,7 +452,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
     (report_dir / "bootstrap.json").write_text(json.dumps(boot, indent=2) + "\n")
     write_csv(report_dir / "results.csv", records, boot)
     rel = _relative_to_repo(report_dir)
-    figures = []
+    figures: list[tuple[str, str]] = []  # (alt text, file name in report_dir)
     if plot_curves(
         records,
         [
@@ -466,7 +466,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         report_dir / "reward_curves.png",
         "GRACE reward (terms / tau) and its cosine terms per rollout batch (faint: raw, solid: moving average of 4)",
     ):
-        figures.append(f"![reward curves]({rel}/reward_curves.png)")
+        figures.append(("reward curves", "reward_curves.png"))
     if plot_curves(
         records,
         [
@@ -477,7 +477,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         report_dir / "rationale_length.png",
         "Rationale length and entropy over training (faint: raw, solid: moving average of 4)",
     ):
-        figures.append(f"![rationale length]({rel}/rationale_length.png)")
+        figures.append(("rationale length", "rationale_length.png"))
     logged = {k for r in records for m in r["metrics"] for k in m if k.startswith("collapse/")}
     collapse_keys = [k for k in COLLAPSE_PANELS if k in logged] + sorted(
         logged - set(COLLAPSE_PANELS)
@@ -488,7 +488,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         report_dir / "collapse.png",
         "Collapse metrics over training (collapse/* in metrics.csv; faint: raw, solid: moving average of 4)",
     ):
-        figures.append(f"![collapse metrics]({rel}/collapse.png)")
+        figures.append(("collapse metrics", "collapse.png"))
     dev_keys = ["val/dev_avg"] + sorted(
         {
             k
@@ -506,7 +506,7 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         window=1,
         methods=("GRACE", "InfoNCE", "SimCSE"),
     ):
-        figures.append(f"![dev score]({rel}/dev_score.png)")
+        figures.append(("dev score", "dev_score.png"))
     finished = [r for r in records if r["run"] is not None]
     n_tasks = finished[0]["run"]["n_tasks"] if finished else 0
     total = sum((r["budget"].get("minutes") or 0) + (r["eval_minutes"] or 0) for r in records)
@@ -541,20 +541,24 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
         )
     if missing:
         parts.append(f"Not finished yet: {', '.join(missing)}.")
-    parts = [p for p in parts if p] + figures
     samples = samples_markdown(records)
-    if samples:
-        parts.append(
-            f"**Rationales before (w/ reasoning = the base model) and after training**\n\n{samples}"
-        )
-    block = "\n\n".join(parts)
+    samples_md = (
+        f"**Rationales before (w/ reasoning = the base model) and after training**\n\n{samples}"
+        if samples
+        else ""
+    )
+
+    def block_with(prefix: str) -> str:  # figure links relative to where the block is shown
+        figs = [f"![{alt}]({prefix}{name})" for alt, name in figures]
+        return "\n\n".join([p for p in parts if p] + figs + ([samples_md] if samples_md else []))
+
     per_task = markdown_tasks([r["run"] for r in finished]) if finished else ""
-    (report_dir / "study.md").write_text(
+    (report_dir / "study.md").write_text(  # beside its figures: bare names
         f"# {cfg.get('report_title') or 'Small-scale study'}\n\n"
         f"Regenerate: `{cfg.get('report_command') or 'python study.py'}`\n\n"
-        f"{block}\n\n## Per task\n\n{per_task}\n"
+        f"{block_with('')}\n\n## Per task\n\n{per_task}\n"
     )
-    return block
+    return block_with(f"{rel}/")  # for README.md at the repo root
 
 
 def _relative_to_repo(path: Path) -> str:
