@@ -728,7 +728,10 @@ def test_v3_a_changed_sweep_choice_redoes_the_lineage_trained_with_the_old_one(t
             (d / ".hydra").mkdir(parents=True, exist_ok=True)
             (d / "DONE.json").write_text("{}")
             if lr is not None:
-                (d / ".hydra" / "overrides.yaml").write_text(f"- method=infonce\n- optim.lr={lr}\n")
+                (d / ".hydra" / "overrides.yaml").write_text(
+                    # as a second stage records it: an interpolation that is not resolved
+                    f"- method=infonce\n- backbone.pretrained=${{init_from}}\n- optim.lr={lr}\n"
+                )
             if dev is not None:
                 (d / "csv" / "version_0").mkdir(parents=True, exist_ok=True)
                 (d / "csv" / "version_0" / "metrics.csv").write_text(f"step,val/dev_avg\n1,{dev}\n")

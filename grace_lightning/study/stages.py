@@ -801,7 +801,10 @@ def _recorded_lr(train_dir: Path) -> str | None:
     path = train_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
-    lrs = [o for o in OmegaConf.load(path) if str(o).startswith("optim.lr=")]
+    # unresolved: an override like ``backbone.pretrained=${init_from}`` is text here, not a
+    # reference into this list
+    overrides = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    lrs = [o for o in overrides if str(o).startswith("optim.lr=")]
     return str(lrs[-1]) if lrs else None
 
 
