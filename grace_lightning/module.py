@@ -316,8 +316,8 @@ class GraceModule(L.LightningModule):
             text_seed(self._step_seed(), f"{role}\0{text}")
             for role, text in zip(roles, list(texts) + anchor_texts + greedy)
         ]
-        if self._synced_step != self.global_step:  # called outside fit (on_train_batch_start)
-            self.last_weight_sync_s = self._sync_engine()
+        if (seconds := self._sync_engine()) is not None:  # outside fit (no batch-start hook)
+            self.last_weight_sync_s = seconds
         with self._eval_mode():
             out = self.engine.generate(
                 prompts, counts, temps, self.prompter.system_len, seeds=seeds
@@ -351,13 +351,13 @@ class GraceModule(L.LightningModule):
         # The engine's copy of the weights (vLLM), made here and not in the training step: under
         # FSDP, Lightning runs training_step inside the root's forward, where gathering the full
         # parameters (summon_full_params) is refused.
-        self.last_weight_sync_s = self._sync_engine()
+        self.last_weight_sync_s = self._sync_engine() or 0.0
 
-    def _sync_engine(self) -> float:
+    def _sync_engine(self) -> float | None:
         """An engine with its own copy of the weights (vLLM) gets the policy's current ones
-        when an optimiser step changed them since its last copy; -> seconds (0: no sync)."""
+        when an optimiser step changed them since its last copy; -> seconds (None: no sync)."""
         if not hasattr(self.engine, "sync_weights") or self._synced_step == self.global_step:
-            return 0.0
+            return None
         fsdp = getattr(self.trainer.strategy, "model", None) if self._trainer else None
         seconds = self.engine.sync_weights(fsdp_root=fsdp)
         self._synced_step = int(self.global_step)
@@ -698,7 +698,7 @@ class GraceModule(L.LightningModule):
         every = self.logging_cfg.get("table_every_n_steps", 0)
         if not every or self.table_path is None or not self.trainer.is_global_zero:
             return
-        rollout_index = self.global_step // max(1, self._steps_per_rollout())
+        rollout_index = self.global_step // max(1, self.steps_per_rollout())
         if (rollout_index - 1) % every:
             return
         k = self.rollout_cfg["num_generations"]
@@ -733,7 +733,7 @@ class GraceModule(L.LightningModule):
                     step=self.global_step,
                 )
 
-    def _steps_per_rollout(self) -> int:
+    def steps_per_rollout(self) -> int:
         # global prompts / global mini-batch = per-rank prompts / per-rank mini-batch
         b = self.trainer.datamodule.prompts_per_step if self.trainer.datamodule else 1
         a = self.algo_cfg

@@ -63,6 +63,11 @@ class ChatPrompter:
         """Leading tokens excluded from pooling: template header + system prompt + user header."""
         return len(self._head_ids)
 
+    @property
+    def tail_len(self) -> int:
+        """Trailing template tokens after the user text: end of turn + assistant header."""
+        return len(self._tail_ids)
+
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text's prompt; the text alone is tokenised, then framed."""
         body = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]

@@ -30,7 +30,9 @@ def test_prompter_system_len_and_truncation(tiny_backbone):
     assert tok.decode(ids[pr.system_len :]).startswith("hello world")
     long_ids = pr.encode(["word " * 500])[0]
     assert len(long_ids) == 64
-    assert long_ids[-len(pr._tail_ids) :] == pr._tail_ids  # assistant header survives truncation
+    tail = ids[-pr.tail_len :]  # end of the user turn + the assistant header
+    assert "assistant" in tok.decode(tail) and "hello" not in tok.decode(tail)
+    assert long_ids[-pr.tail_len :] == tail  # the assistant header survives truncation
     assert pr.lengths(["word " * 500])[0] > 64
 
 

@@ -50,8 +50,8 @@ def batches_in_steps(steps_left: int, steps_per_batch: int, done: int, natural: 
 
 def steps_per_batch(pl_module) -> int:
     """Optimiser steps a training batch takes: a GRACE rollout batch's mini-batches x
-    num_iterations (``GraceModule._steps_per_rollout``); 1 for the contrastive baselines."""
-    fn = getattr(pl_module, "_steps_per_rollout", None)
+    num_iterations (``GraceModule.steps_per_rollout``); 1 for the contrastive baselines."""
+    fn = getattr(pl_module, "steps_per_rollout", None)
     return max(1, int(fn())) if callable(fn) else 1
 
 

@@ -398,7 +398,7 @@ class GraceEncoder:
     def echo_ids(self, prompt_ids: list[int], prompter: ChatPrompter) -> list[int]:
         """The echo "rationale" of one prompt: the text's tokens as they stand in the prompt
         (cut as the prompt cuts them), at most ``generation.max_new_tokens``, + EOS if it fits."""
-        body = prompt_ids[prompter.system_len : len(prompt_ids) - len(prompter._tail_ids)]
+        body = prompt_ids[prompter.system_len : len(prompt_ids) - prompter.tail_len]
         budget = int(self.generation.max_new_tokens)
         copy = list(body[:budget])
         if len(copy) < budget:  # a rationale that stopped: its EOS is pooled too
