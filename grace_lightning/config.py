@@ -92,6 +92,9 @@ def check_types(cfg: DictConfig) -> None:
 # experiment comes last in conf/train.yaml's defaults), so they would silently replace a
 # contrastive method's learning rate or run the unsupervised reward with supervised settings.
 QUICKSTART_FOR = {"quickstart": "sup", "quickstart_unsup": "unsup"}
+# The contrastive quickstarts are one method's recipe (its lr, batch and budget): another method
+# chosen over them would train with settings tuned for something else.
+CONTRASTIVE_QUICKSTART_FOR = {"quickstart_infonce": "infonce", "quickstart_simcse": "simcse"}
 
 
 def check_preset(cfg: DictConfig, experiment: str | None) -> None:
@@ -111,17 +114,28 @@ def check_preset(cfg: DictConfig, experiment: str | None) -> None:
                 f"grace_lightning.presets.resolve_overrides)"
             )
         experiment = "quickstart"
+    target = str((cfg.get("model") or {}).get("_target_", ""))
+    contrastive = target.endswith("ContrastiveModule")
+    objective = str(cfg.model.get("objective", "infonce")) if contrastive else "grace"
+    if experiment in CONTRASTIVE_QUICKSTART_FOR:
+        meant = CONTRASTIVE_QUICKSTART_FOR[experiment]
+        if objective != meant:
+            raise ConfigError(
+                f"experiment={experiment} is method={meant}'s recipe (its optim.lr, batch and "
+                f"budget); method={objective} over it would train with them. Run `python train.py "
+                f"method={objective}` (the preset that fits it) or name no preset: experiment=none."
+            )
+        return
     if experiment not in QUICKSTART_FOR:
         return
-    target = str((cfg.get("model") or {}).get("_target_", ""))
-    if target.endswith("ContrastiveModule"):
-        objective = cfg.model.get("objective", "infonce")
+    if contrastive:
         default = " (what `python train.py` runs)" if experiment == "quickstart" else ""
         raise ConfigError(
             f"experiment={experiment}{default} is a GRACE recipe: its "
-            f"optim.lr and rollout settings would replace method={objective}'s own. Add "
-            f"experiment=none for the method's recipe on the embedded model (`python train.py "
-            f"experiment=none method={objective}`) or experiment=paper_{objective} at paper scale."
+            f"optim.lr and rollout settings would replace method={objective}'s own. Run "
+            f"`python train.py method={objective}` for the method's quickstart on the embedded "
+            f"model (experiment=quickstart_{objective}), experiment=none for its recipe as it is, "
+            f"or experiment=paper_{objective} at paper scale."
         )
     mode, meant = cfg.reward.mode, QUICKSTART_FOR[experiment]
     if mode != meant:

@@ -3,12 +3,12 @@
 ``python train.py [backbone=...] [reward=...] [method=...]`` without ``experiment=`` runs the
 preset that fits the backbone (conf/train.yaml's ``experiment: auto``):
 
-=============================  ==============================  =================================
+=============================  ==============================  =======================================
 backbone                       method=grace (reward=sup|unsup)  method=infonce | simcse
-=============================  ==============================  =================================
+=============================  ==============================  =======================================
 qwen, qwen3b, llama, qwen3     paper_sup | paper_unsup (GPU)   paper_infonce | paper_simcse (GPU)
-smollm2 (default), tiny, other quickstart | quickstart_unsup   none (the method's own recipe)
-=============================  ==============================  =================================
+smollm2 (default), tiny, other quickstart | quickstart_unsup   quickstart_infonce | quickstart_simcse
+=============================  ==============================  =======================================
 
 Hydra's defaults list cannot branch on a value (an interpolated ``experiment: ${...}`` entry may not
 carry the ``override /trainer: gpu`` lines the paper presets need), so train.py rewrites its
@@ -38,15 +38,23 @@ CONTRASTIVE_METHODS = ("infonce", "simcse")
 # conf/train.yaml's group defaults (tests/test_presets.py checks they agree)
 DEFAULT_CHOICES = {"backbone": "smollm2", "reward": "sup", "method": "grace"}
 AUTO = "auto"  # conf/train.yaml's default experiment
-# the short job a machine without a GPU can run instead (the embedded quickstart, ~10 minutes)
+# the short job a machine without a GPU can run instead (an embedded quickstart, 5-10 minutes)
 SHORT_JOB = {"sup": "python train.py", "unsup": "python train.py reward=unsup"}
+
+
+def short_job(cfg: DictConfig) -> str:
+    """The embedded quickstart of the run's method and reward (the table above)."""
+    method = str(OmegaConf.select(cfg, "model.objective", default=None) or "grace")
+    if method in CONTRASTIVE_METHODS:
+        return f"python train.py method={method}"
+    return SHORT_JOB.get(str(cfg.reward.mode), SHORT_JOB["sup"])
 
 
 def preset_for(backbone: str, reward: str = "sup", method: str = "grace") -> str:
     """The experiment ``auto`` stands for (the table in the module docstring)."""
     paper = backbone in PAPER_BACKBONES
     if method in CONTRASTIVE_METHODS:
-        return f"paper_{method}" if paper else "none"
+        return f"{'paper' if paper else 'quickstart'}_{method}"
     if paper:
         return f"paper_{reward}"
     return "quickstart" if reward == "sup" else "quickstart_unsup"
@@ -130,6 +138,10 @@ def _selects_reward(preset: str, reward: str) -> bool:
         "paper_unsup": "unsup",
         "quickstart_unsup": "unsup",
         "quickstart": DEFAULT_CHOICES["reward"],
+        "paper_infonce": "sup",
+        "paper_simcse": "unsup",
+        "quickstart_infonce": "sup",
+        "quickstart_simcse": "unsup",
     }.get(preset) == reward
 
 
@@ -271,8 +283,8 @@ def check_hardware(cfg: DictConfig, cuda: Any = None) -> None:
             return
         raise HardwareError(
             f"No GPU here (torch.cuda.is_available() is false). {describe(cfg)}: {when}. "
-            f"The short job for this machine: `{SHORT_JOB.get(cfg.reward.mode, SHORT_JOB['sup'])}`"
-            f" (the embedded quickstart, ~10 min); to run this recipe on the CPU anyway add "
+            f"The short job for this machine: `{short_job(cfg)}` (the embedded quickstart, "
+            f"5-10 min); to run this recipe on the CPU anyway add "
             f"allow_cpu=true."
         )
     if not cfg.get("memory_check", True):

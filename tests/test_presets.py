@@ -54,7 +54,11 @@ def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         (["backbone=qwen3"], ["experiment=paper_sup", "backbone=qwen3"]),
         (["reward=unsup"], ["experiment=quickstart_unsup", "reward=unsup"]),
         (["backbone=tiny", "reward=sup"], ["backbone=tiny", "reward=sup"]),
-        (["method=infonce"], ["experiment=none", "method=infonce"]),
+        (["method=infonce"], ["experiment=quickstart_infonce", "method=infonce"]),
+        (
+            ["backbone=tiny", "method=simcse"],
+            ["experiment=quickstart_simcse", "backbone=tiny", "method=simcse"],
+        ),
         (
             ["backbone=qwen3b", "method=simcse"],
             ["experiment=paper_simcse", "backbone=qwen3b", "method=simcse"],

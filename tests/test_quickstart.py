@@ -71,13 +71,21 @@ def test_quickstart_refuses_what_it_would_silently_change(tmp_path):
     method's lr, over reward=unsup it would run the supervised recipe. Both fail at startup
     with the command that does what was meant."""
     for overrides, says in [
-        (["method=infonce"], "python train.py experiment=none method=infonce"),
+        (["method=infonce"], "`python train.py method=infonce`"),
         (["method=simcse"], "experiment=paper_simcse"),
         (["reward=unsup"], "experiment=quickstart_unsup"),
     ]:
         cfg = make_cfg(overrides, tmp_path, preset="quickstart")
         with pytest.raises(ConfigError, match=re.escape(says)):
             validate(cfg)
+    # a contrastive quickstart is one method's recipe: another method over it is refused too
+    for preset, overrides, says in [
+        ("quickstart_infonce", ["method=simcse"], "`python train.py method=simcse`"),
+        ("quickstart_simcse", ["method=infonce"], "`python train.py method=infonce`"),
+        ("quickstart_infonce", ["method=grace"], "`python train.py method=grace`"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            validate(make_cfg(overrides, tmp_path, preset=preset))
     with pytest.raises(ConfigError, match="experiment=quickstart "):
         validate(make_cfg(["reward=sup"], tmp_path, preset="quickstart_unsup"))
     # the same overrides on the group defaults are fine, and the contrastive lr is the method's
@@ -103,4 +111,41 @@ def test_quickstart_unsup_is_the_studys_best_unsup_row(tmp_path):
 def test_quickstart_unsup_runs_on_the_tiny_model(tmp_path):
     proc = run_tiny_quickstart(tmp_path, "experiment=quickstart_unsup")
     assert "trained, 1 rollout batches" in proc.stdout
+    assert (tmp_path / "export" / "grace_config.json").exists()
+
+
+# ------------------------------------------------------------- contrastive quickstarts
+def _study_v3():
+    """conf/study_v3.yaml with its out_dir at the recorded results (results/study/v3)."""
+    study = OmegaConf.load(ROOT / "conf" / "study_v3.yaml")
+    study.out_dir = str(ROOT / "results" / "study" / "v3")
+    return study
+
+
+@pytest.mark.parametrize("method", ["infonce", "simcse"])
+def test_python_train_py_method_is_the_studys_contrastive_arm(tmp_path, method):
+    """`python train.py method=<m>` on the embedded model is study v3's arm of that method: its
+    budget, batch, bf16 and dev scoring, and the lr its recorded dev sweep chose."""
+    from grace_lightning.presets import resolve_overrides
+    from grace_lightning.study.v3 import chosen_lr
+
+    args = resolve_overrides([f"method={method}"])
+    assert args == [f"experiment=quickstart_{method}", f"method={method}"]
+    cfg = make_cfg([f"method={method}"], tmp_path, preset=f"quickstart_{method}")
+    validate(cfg)
+    assert cfg.model.objective == method and cfg.backbone.name == "smollm2"
+    assert cfg.reward.mode == ("sup" if method == "infonce" else "unsup")
+    study = _study_v3()
+    arm = dict(o.split("=", 1) for o in study.contrastive_overrides)
+    assert cfg.data.prompts_per_step == int(arm["data.prompts_per_step"])
+    assert cfg.trainer.max_steps == -1 and cfg.trainer.max_epochs == -1
+    assert cfg.trainer.max_time == f"00:00:{int(study.train_minutes):02d}:00"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.sup.kind == "jsonl"
+    assert cfg.callbacks.dev_eval.mode == "auto"  # base mode for a contrastive model
+    assert cfg.optim.lr == pytest.approx(chosen_lr(study, method))
+
+
+def test_quickstart_infonce_runs_on_the_tiny_model(tmp_path):
+    proc = run_tiny_quickstart(tmp_path, "method=infonce", "data.prompts_per_step=4")
+    assert "trained, 1 rollout batches" in proc.stdout and "no rationale" in proc.stdout
     assert (tmp_path / "export" / "grace_config.json").exists()
