@@ -80,6 +80,13 @@ def grace_step_flops(shape: ModelShape, policy: list[int], anchors: list[int], k
     return {"rollout": rollout, "update": 3 * fwd}
 
 
+def contrastive_step_flops(shape: ModelShape, texts: list[int]) -> int:
+    """Contrastive fine-tuning step (InfoNCE / SimCSE): every text of the batch (its prompt
+    lengths; SimCSE lists each sentence twice, one per dropout view) in one forward pass without
+    logits (the embedding is pooled hidden states); backward = 2x forward."""
+    return 3 * prefill_flops(shape, texts, "none")
+
+
 def matmul_gflops(m: int, k: int, n: int, dtype, min_seconds: float = 0.25) -> float:
     """Achieved GFLOP/s of ``(m, k) @ (k, n)`` in ``dtype`` (after one warm-up call)."""
     import torch

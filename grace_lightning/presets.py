@@ -44,9 +44,9 @@ SHORT_JOB = {"sup": "python train.py", "unsup": "python train.py reward=unsup"}
 
 def short_job(cfg: DictConfig) -> str:
     """The embedded quickstart of the run's method and reward (the table above)."""
-    method = str(OmegaConf.select(cfg, "model.objective", default=None) or "grace")
-    if method in CONTRASTIVE_METHODS:
-        return f"python train.py method={method}"
+    objective = contrastive_objective(cfg)
+    if objective is not None:
+        return f"python train.py method={objective}"
     return SHORT_JOB.get(str(cfg.reward.mode), SHORT_JOB["sup"])
 
 
@@ -183,19 +183,32 @@ def backbone_model_shape(cfg: DictConfig):
     return Shape.from_hf_config(config)
 
 
+def contrastive_objective(cfg: DictConfig) -> str | None:
+    """``infonce`` / ``simcse`` for a contrastive baseline run (method=infonce|simcse), else None."""
+    objective = OmegaConf.select(cfg, "model.objective", default=None)
+    return str(objective) if objective in CONTRASTIVE_METHODS else None
+
+
 def step_estimate(cfg: DictConfig, gflops: float) -> dict[str, float]:
-    """FLOPs and seconds of one rollout batch at ``gflops`` GFLOP/s (the matmul roofline: a
-    lower bound), responses at their full ``rollout.max_new_tokens`` (EOS off, the worst case),
-    prompts of ``prompt_tokens`` tokens (a typical length: the system prompt + a short text)."""
-    from grace_lightning.flops import grace_step_flops
+    """FLOPs and seconds of one step at ``gflops`` GFLOP/s (the matmul roofline: a lower bound),
+    prompts of ``prompt_tokens`` tokens (a typical length: the system prompt + a short text).
+    GRACE: one rollout batch, responses at their full ``rollout.max_new_tokens`` (EOS off, the
+    worst case). A contrastive baseline: one optimiser step over ``data.prompts_per_step``
+    triplets (InfoNCE: query, positive, hard negative) or sentences (SimCSE: two views each)."""
+    from grace_lightning.flops import contrastive_step_flops, grace_step_flops
 
     shape = backbone_model_shape(cfg)
     if shape is None:
         return {}
     b = int(cfg.data.prompts_per_step)
+    p = min(int(cfg.prompt.max_prompt_tokens), 128)
+    objective = contrastive_objective(cfg)
+    if objective is not None:
+        texts = b * (3 if objective == "infonce" else 2)
+        flops = float(contrastive_step_flops(shape, [p] * texts))
+        return {"flops": flops, "seconds": flops / (gflops * 1e9), "prompt_tokens": p}
     k = int(cfg.rollout.num_generations)
     r = int(cfg.rollout.max_new_tokens)
-    p = min(int(cfg.prompt.max_prompt_tokens), 128)
     anchors = b * 2 if cfg.reward.mode == "sup" else b  # query + one negative, or the self-anchor
     parts = grace_step_flops(shape, [p] * b, [p] * anchors, k, r)
     flops = float(parts["rollout"] + parts["update"]) * int(cfg.algo.num_iterations)
@@ -240,6 +253,22 @@ def experiment_choice(cfg: DictConfig) -> str | None:
 def describe(cfg: DictConfig) -> str:
     """What the run is: backbone, preset, recipe and horizon, in a few words."""
     steps = int(cfg.trainer.get("max_steps", -1))
+    objective = contrastive_objective(cfg)
+    if objective is not None:
+        epochs = int(cfg.trainer.get("max_epochs", -1) or -1)
+        horizon = (
+            f"{steps} steps"
+            if steps > 0
+            else f"{epochs} epoch{'s' * (epochs != 1)}"
+            if epochs > 0
+            else "no step limit"
+        )
+        unit = "triplets" if objective == "infonce" else "sentences (two views each)"
+        return (
+            f"backbone={cfg.backbone.name} method={objective} "
+            f"(experiment={experiment_choice(cfg) or '?'}): {cfg.data.prompts_per_step} {unit} "
+            f"a step, {horizon}, trainer.accelerator={cfg.trainer.accelerator}"
+        )
     per = max(1, math.ceil(int(cfg.data.prompts_per_step) / int(cfg.algo.prompts_per_minibatch)))
     per *= int(cfg.algo.num_iterations)
     horizon = f"{steps // per} rollout batches" if steps > 0 else "no step limit"
@@ -271,11 +300,12 @@ def check_hardware(cfg: DictConfig, cuda: Any = None) -> None:
         return
     if not cuda.is_available():
         est = step_estimate(cfg, cpu_gflops(cfg))
+        step = "a step" if contrastive_objective(cfg) else "a rollout batch"
         when = (
-            f"~{_duration(est['seconds'])} a rollout batch on this CPU by the FLOP model "
+            f"~{_duration(est['seconds'])} {step} on this CPU by the FLOP model "
             f"({est['flops'] / 1e15:.1f} PFLOP at its measured matmul roofline, a lower bound)"
             if est
-            else "an unknown time a rollout batch on this CPU (no shape for this backbone)"
+            else f"an unknown time {step} on this CPU (no shape for this backbone)"
         )
         if cfg.get("allow_cpu", False):
             log.warning("allow_cpu=true: %s on the CPU, %s", describe(cfg), when)

@@ -187,6 +187,32 @@ def test_no_gpu_stops_with_one_line_the_estimate_and_the_short_job(tmp_path, mon
     assert cfg.trainer.accelerator == "cpu"
 
 
+def test_no_gpu_for_a_contrastive_baseline_names_its_own_step_and_short_job(tmp_path, monkeypatch):
+    """paper_infonce / paper_simcse on a machine without a GPU: the line describes the baseline
+    (texts a step, epochs; no rollouts) with its own FLOP estimate and its own quickstart."""
+    import grace_lightning.presets as presets
+
+    monkeypatch.setattr(presets, "cpu_gflops", lambda cfg: 100.0)
+    for method, unit, epochs in [
+        ("infonce", "64 triplets a step", "3 epochs"),  # SimCSE sup: 3 epochs
+        ("simcse", "64 sentences (two views each) a step", "1 epoch,"),  # SimCSE unsup: 1
+    ]:
+        cfg = make_cfg(resolve_overrides(["backbone=qwen", f"method={method}"]), tmp_path)
+        with pytest.raises(HardwareError) as err:
+            check_hardware(cfg, FakeCuda(gpus=0))
+        msg = str(err.value)
+        assert f"method={method} (experiment=paper_{method})" in msg and unit in msg
+        assert epochs in msg and "rollout" not in msg
+        assert f"`python train.py method={method}`" in msg
+        # forward + backward (2x) over every text, no LM head: Qwen2.5-1.5B's 28 layers of
+        # ~46M linear parameters, 64 x 3 InfoNCE texts (SimCSE: 64 x 2 views) of 128 tokens
+        texts = 64 * (3 if method == "infonce" else 2)
+        body = 3 * 2 * 28 * 46.3e6 * texts * 128
+        est = presets.step_estimate(cfg, 100.0)
+        assert body < est["flops"] < 1.2 * body
+        assert f"~{presets._duration(est['seconds'])} a step on this CPU" in msg
+
+
 def test_cpu_recipes_never_ask_for_a_gpu(tmp_path):
     check_hardware(make_cfg([], tmp_path, preset="auto"), FakeCuda(gpus=0))
     check_hardware(make_cfg(["trainer=ddp_cpu"], tmp_path), FakeCuda(gpus=0))
