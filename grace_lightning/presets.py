@@ -353,13 +353,25 @@ def check_gpu_memory(cfg: DictConfig, cuda: Any) -> None:
 
 def suggest_fits(cfg: DictConfig, world: int, gpus: int, total: float, fit) -> list[str]:
     """Commands that fit ``total`` bytes a GPU by the memory model, least change to the recipe
-    first: fewer rows sampled at once (speed only), FSDP over the visible GPUs (the same maths),
-    LoRA (another recipe). Each is this run's command line plus the change."""
+    first: fewer rows sampled at once (speed only; a contrastive baseline: gradient
+    checkpointing, then texts cut shorter), FSDP over the visible GPUs (the same maths), LoRA
+    (another recipe). Each is this run's command line plus the change."""
     trials: list[tuple[str, dict[str, Any]]] = []
-    rows = OmegaConf.select(cfg, "rollout.max_rows_per_batch", default=None)
-    for r in (64, 32, 16):
-        if rows is None or r < int(rows):
-            trials.append((f"rollout.max_rows_per_batch={r}", {"rollout.max_rows_per_batch": r}))
+    if contrastive_objective(cfg) is not None:
+        # one forward over the whole batch (no micro-batches): checkpointing, then shorter texts
+        if not OmegaConf.select(cfg, "model.gradient_checkpointing", default=False):
+            gc = {"model.gradient_checkpointing": True}
+            trials.append(("model.gradient_checkpointing=true", gc))
+        cut = OmegaConf.select(cfg, "model.max_text_tokens", default=None)
+        for n in (256, 128):
+            if cut is None or n < int(cut):
+                trials.append((f"model.max_text_tokens={n}", {"model.max_text_tokens": n}))
+    else:
+        rows = OmegaConf.select(cfg, "rollout.max_rows_per_batch", default=None)
+        for r in (64, 32, 16):
+            if rows is None or r < int(rows):
+                change = {"rollout.max_rows_per_batch": r}
+                trials.append((f"rollout.max_rows_per_batch={r}", change))
     if gpus > 1:
         fsdp = {"trainer.strategy": "fsdp", "trainer.devices": gpus}
         trials.append((f"trainer=fsdp trainer.devices={gpus}", fsdp))

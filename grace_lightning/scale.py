@@ -459,6 +459,59 @@ def predict_peak(
     }
 
 
+# --------------------------------------------------------------- the contrastive baselines
+# Chat template + system prompt around a text, in tokens: an upper bound for the four paper
+# backbones with upstream's system prompt (Llama-3.2's template adds its date lines, ~75 in all)
+TEMPLATE_TOKENS = 96
+
+
+def contrastive_update_parts(
+    s: Shape, layers: int, st: Setting, texts: int, text_len: int, c: Coeffs, lay: LayerSaved
+) -> dict[str, float]:
+    """One contrastive step's forward + backward (bytes per GPU): ``ContrastiveModule.embed``
+    runs the decoder once over every text of the device's batch, left-padded to ``text_len``,
+    and pools its last hidden states: the GRACE loss pass's layer model (`update_parts`) on
+    full sequences of no response, without the LM head (never called)."""
+    m = MicroShape(rows=texts, prompts=texts, prompt_len=text_len, response_len=0)
+    flat = Setting(**{**st.__dict__, "share_prompt": False, "term_grads": 0})
+    parts = update_parts(s, layers, flat, m, c, lay, vocab_chunk=None)
+    parts.pop("lm_head", None)
+    return parts
+
+
+def predict_contrastive_peak(
+    s: Shape,
+    st: Setting,
+    texts: int,
+    text_len: int,
+    c: Coeffs | None = None,
+    lay: LayerSaved | None = None,
+    layers: int | None = None,
+) -> dict:
+    """Peak bytes per GPU of one InfoNCE / SimCSE step: ``texts`` texts on this GPU (InfoNCE:
+    3 per triplet, SimCSE: 2 views per sentence), each at most ``text_len`` tokens. The same
+    return shape as `predict_peak` (peak, phase, phases and their parts)."""
+    c = c or DEFAULT_COEFFS
+    lay = lay or layer_saved_for(s)
+    n = layers or s.layers
+    static = static_parts(s, n, st)
+    base = sum(static.values())
+    up = contrastive_update_parts(s, n, st, texts, text_len, c, lay)
+    sp = step_parts(s, n, st)
+    phases = {"update": base + sum(up.values()), "optim_step": base + sum(sp.values())}
+    worst = max(phases, key=phases.get)
+    return {
+        "peak": phases[worst],
+        "phase": worst,
+        "phases": phases,
+        "static": static,
+        "update": up,
+        "step": sp,
+        "texts": texts,
+        "text_len": text_len,
+    }
+
+
 def largest_fitting(fn, hi: int, cap: float) -> int:
     """The largest x in [1, hi] with fn(x) <= cap (fn non-decreasing); 0 if none."""
     if fn(1) > cap:
@@ -616,15 +669,38 @@ def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int
     return recipe, st, (int(micro) if micro else None), (int(roll) if roll else None)
 
 
+def config_contrastive(cfg, world: int = 1) -> tuple[Setting, int, int] | None:
+    """(setting, texts per GPU, longest text in tokens) of a composed contrastive baseline
+    config (method=infonce|simcse) on ``world`` GPUs; None for a GRACE run. InfoNCE embeds a
+    query, its positive and one hard negative per triplet, SimCSE each sentence twice; a text is
+    cut to model.max_text_tokens inside the chat template (`contrastive.training_prompter`)."""
+    objective = str(_get(cfg, "model.objective", ""))
+    if objective not in ("infonce", "simcse"):
+        return None
+    _, st, _, _ = config_recipe(cfg, world)
+    per_gpu = max(1, int(_get(cfg, "data.prompts_per_step", 64)) // st.devices)
+    texts = per_gpu * (3 if objective == "infonce" else 2)
+    longest = int(_get(cfg, "prompt.max_prompt_tokens", 1024))
+    cut = _get(cfg, "model.max_text_tokens")
+    if cut:
+        longest = min(longest, int(cut) + TEMPLATE_TOKENS)
+    return st, texts, longest
+
+
 def predict_config_peak(cfg, world: int = 1) -> float | None:
     """Peak bytes per GPU of a composed run config on ``world`` GPUs by this model, or None where
     it does not apply (a backbone without a known shape, or a precision other than bf16-mixed:
-    the model is fitted to bf16 autocast with fp32 master weights)."""
+    the model is fitted to bf16 autocast with fp32 master weights). A contrastive baseline's
+    config is predicted by `predict_contrastive_peak`, a GRACE run's by `predict_peak`."""
     if "bf16" not in str(_get(cfg, "trainer.precision", "")):
         return None
     s = config_shape(cfg)
     if s is None:
         return None
+    contrastive = config_contrastive(cfg, world)
+    if contrastive is not None:
+        st, texts, text_len = contrastive
+        return predict_contrastive_peak(s, st, texts, text_len)["peak"]
     recipe, st, micro, roll = config_recipe(cfg, world)
     return predict_peak(s, st, recipe, micro_rows=micro, rollout_rows=roll)["peak"]
 

@@ -298,3 +298,60 @@ def test_term_gradient_norms_cost_a_gradient_copy_per_term_on_the_first_steps():
         on = scale.predict_config_peak(_paper_cfg("algo.log_term_grad_norms_steps=8", joint), 1)
         want = 0 if joint.endswith("0.0") else 4 * t * 3  # pg + joint copies + one in flight
         assert on - off == pytest.approx(want, rel=1e-6), joint
+
+
+def test_a_contrastive_baseline_is_predicted_by_its_own_step():
+    """paper_infonce / paper_simcse run no rollouts: the startup check predicts one forward +
+    backward of the decoder over every text of the device's batch (no LM head), not GRACE's
+    rollout batch. InfoNCE: query, positive and hard negative per triplet; SimCSE: two views."""
+    from grace_lightning import scale
+    from tests.test_train import make_cfg
+
+    s = scale.SHAPES["qwen3"]
+    for method, per_item in (("infonce", 3), ("simcse", 2)):
+        cfg = make_cfg(["backbone=qwen3", f"method={method}"], preset=f"paper_{method}")
+        st, texts, text_len = scale.config_contrastive(cfg, 1)
+        assert texts == 64 * per_item and st.gc and not st.lora
+        assert text_len == int(cfg.model.max_text_tokens) + scale.TEMPLATE_TOKENS
+        out = scale.predict_contrastive_peak(s, st, texts, text_len)
+        assert scale.predict_config_peak(cfg, 1) == out["peak"]
+        assert "lm_head" not in out["update"] and "rollout" not in out["phases"]
+        # by hand: fp32 weights + AdamW, and checkpointed layer inputs (fp32 residual per layer)
+        # + one layer's saved activations over texts x text_len tokens
+        assert out["static"] == {"weights": 4 * s.params(), "adam": 8 * s.params()}
+        tokens = texts * text_len
+        a = scale.layer_saved_for(s).full_per_token
+        kappa = scale.DEFAULT_COEFFS.kappa_full
+        act = kappa * (s.layers * 4 * s.hidden * tokens + a * tokens)
+        if method == "infonce":  # 192 texts of 608 tokens: the forward's end is the peak
+            assert out["update"]["activations"] == pytest.approx(act)
+        else:  # 128 sentences of 128 tokens: the backward's end (fp32 gradients) is larger
+            assert out["update"]["grads"] == 4 * s.params()
+        # FSDP over 4 GPUs: a quarter of the batch and of the weights on each
+        fsdp = make_cfg(
+            ["backbone=qwen3", f"method={method}", "trainer=fsdp", "trainer.devices=4"],
+            preset=f"paper_{method}",
+        )
+        assert scale.config_contrastive(fsdp, 4)[1] == texts // 4
+        assert scale.predict_config_peak(fsdp, 4) < out["peak"] / 2
+    # the GRACE run of the same backbone is predicted by the rollout-batch model, as before
+    grace = make_cfg(["backbone=qwen3"], preset="paper_sup")
+    assert scale.config_contrastive(grace, 1) is None
+
+
+def test_the_contrastive_table_of_docs_scale_is_the_bench_s():
+    """docs/scale.md's contrastive table is what `python bench/contrastive_memory.py` prints."""
+    from bench import contrastive_memory
+
+    doc = (
+        (Path(__file__).resolve().parents[1] / "docs" / "scale.md")
+        .read_text()
+        .split("## The contrastive baselines")[1]
+    )
+    rows = [ln for ln in doc.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip()]
+    shown = {
+        ln.split("|")[1].strip(): [float(c.split()[0]) for c in ln.split("|")[2:-1]]
+        for ln in rows[1:5]
+    }
+    table = contrastive_memory.table()
+    assert shown == {b: [round(v, 1) for v in cols.values()] for b, cols in table.items()}

@@ -18,6 +18,7 @@ from grace_lightning.presets import (
     PresetError,
     check_hardware,
     resolve_overrides,
+    suggest_fits,
 )
 
 from .conftest import ROOT
@@ -248,6 +249,29 @@ def test_a_recipe_too_big_for_the_gpu_stops_with_the_command_that_fits(tmp_path,
     with pytest.raises(HardwareError, match="more than the"):
         check_hardware(paper_cfg(tmp_path), FakeCuda(gpus=1, gib=24))
     check_hardware(paper_cfg(tmp_path, "memory_check=false"), FakeCuda(gpus=1, gib=24))
+
+
+def test_a_contrastive_baseline_too_big_stops_with_a_contrastive_fix(tmp_path):
+    """InfoNCE on Llama-3.2-3B, 64 triplets of texts up to 512 tokens in one forward, does not
+    fit one 80 GB GPU by the memory model: the fixes tried are the baseline's own (shorter
+    texts, FSDP), never the rollout knobs it does not read; the suggested command fits."""
+    from grace_lightning import scale
+
+    args = ["backbone=llama", "method=infonce", "model.max_text_tokens=512"]  # LLM2Vec's
+    cfg = make_cfg(resolve_overrides(args), tmp_path)
+    with pytest.raises(HardwareError) as err:
+        check_hardware(cfg, FakeCuda(gpus=1, gib=79.6))
+    msg = str(err.value)
+    assert "64 triplets a step" in msg and "rollout" not in msg
+    fix = msg.split("What fits by the same model: `")[1].split("`")[0]
+    assert fix == "python train.py backbone=llama method=infonce model.max_text_tokens=256"
+    fixed = make_cfg(resolve_overrides(fix.split()[2:]), tmp_path)
+    assert scale.predict_config_peak(fixed, 1) <= scale.usable_memory(79.6 * GIB)
+    # on 4 visible GPUs FSDP is offered as well; the preset (256-token texts) fits as it is
+    fixes = suggest_fits(cfg, 1, 4, scale.usable_memory(79.6 * GIB), scale.predict_config_peak)
+    assert any("trainer=fsdp trainer.devices=4" in f for f in fixes)
+    preset = make_cfg(resolve_overrides(args[:2]), tmp_path)
+    check_hardware(preset, FakeCuda(gpus=1, gib=79.6))
 
 
 def test_train_checks_the_hardware_before_anything_loads(tmp_path, monkeypatch):
