@@ -476,6 +476,8 @@ def contrastive_update_parts(
     flat = Setting(**{**st.__dict__, "share_prompt": False, "term_grads": 0})
     parts = update_parts(s, layers, flat, m, c, lay, vocab_chunk=None)
     parts.pop("lm_head", None)
+    if parts.pop("tied_grad", None) is not None:  # full FT: the embedding's dense fp32 gradient
+        parts["embed_grad"] = 4 * s.embed_params()  # (no LM-head cast gradient: never called)
     return parts
 
 

@@ -319,6 +319,7 @@ def test_a_contrastive_baseline_is_predicted_by_its_own_step():
         # by hand: fp32 weights + AdamW, and checkpointed layer inputs (fp32 residual per layer)
         # + one layer's saved activations over texts x text_len tokens
         assert out["static"] == {"weights": 4 * s.params(), "adam": 8 * s.params()}
+        assert out["update"]["embed_grad"] == 4 * s.embed_params()  # no LM-head cast gradient
         tokens = texts * text_len
         a = scale.layer_saved_for(s).full_per_token
         kappa = scale.DEFAULT_COEFFS.kappa_full
@@ -348,10 +349,11 @@ def test_the_contrastive_table_of_docs_scale_is_the_bench_s():
         .read_text()
         .split("## The contrastive baselines")[1]
     )
-    rows = [ln for ln in doc.splitlines() if ln.startswith("| ") and ln.split("|")[1].strip()]
+    lines = doc.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| backbone |"))
     shown = {
         ln.split("|")[1].strip(): [float(c.split()[0]) for c in ln.split("|")[2:-1]]
-        for ln in rows[1:5]
+        for ln in lines[start + 2 : start + 6]
     }
     table = contrastive_memory.table()
     assert shown == {b: [round(v, 1) for v in cols.values()] for b, cols in table.items()}
