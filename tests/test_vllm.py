@@ -124,6 +124,29 @@ def trainer_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
     return logp.gather(-1, torch.tensor(ids[start:])[:, None]).squeeze(-1)
 
 
+def _lm_head_is_the_embedding(m) -> dict:
+    lm, emb = m.lm_head.weight, m.model.embed_tokens.weight
+    return {"same_tensor": lm.data_ptr() == emb.data_ptr(), "row0": lm[0, :4].tolist()}
+
+
+def test_reload_warnings_of_layers_without_weights_are_dropped():
+    """vLLM warns "<layer>: Failed to load weights" on every reload for the rotary embedding and
+    a tied LM head; the engine's filter drops those two (the LM head only when tied), no other."""
+    import logging
+
+    from grace_lightning.rollout.vllm_engine import _NoWeightsOfTheirOwn
+
+    def rec(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("vllm", logging.WARNING, __file__, 1, msg, None, None)
+
+    tied, untied = _NoWeightsOfTheirOwn(tied=True), _NoWeightsOfTheirOwn(tied=False)
+    for f in (tied, untied):
+        assert not f.filter(rec("RotaryEmbedding: Failed to load weights"))
+        assert f.filter(rec("QKVParallelLinear: Failed to load weights"))
+    assert not tied.filter(rec("ParallelLMHead: Failed to load weights"))
+    assert untied.filter(rec("ParallelLMHead: Failed to load weights"))
+
+
 def test_weight_sync_after_an_optimiser_step(setup):
     """After one optimiser step + sync the engine's log-probs of a fixed continuation are the
     trainer's (bf16 tolerance) and not the pre-step ones; before the sync they were stale."""
@@ -158,6 +181,11 @@ def test_weight_sync_after_an_optimiser_step(setup):
         synced = engine_logprobs(engine, ids, start)
         assert (synced - after).abs().mean() < tol
         assert (synced - before).abs().mean() > 5 * tol
+        # SmolLM2 ties its LM head to the embedding: vLLM's reload loads no LM-head tensor (and
+        # would warn so, a warning the engine drops), yet its LM head is the synced embedding
+        tied = engine.llm.apply_model(_lm_head_is_the_embedding)[0]
+        emb = model.get_input_embeddings().weight
+        assert tied["same_tensor"] and tied["row0"] == emb[0, :4].to(torch.bfloat16).tolist()
     finally:
         model.load_state_dict(saved)
         engine.sync_weights()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -120,6 +121,29 @@ def shared_llm(model_path: str, cfg: VLLMConfig, max_model_len: int):
     llm._grace_sleep = sleep  # type: ignore[attr-defined]
     _LLMS[key] = llm
     return llm
+
+
+class _NoWeightsOfTheirOwn(logging.Filter):
+    """Drops vLLM's layerwise-reload warning ``"<layer>: Failed to load weights"`` for the layers
+    that have no checkpoint tensor of their own: the rotary embedding (computed buffers) and, on a
+    tied model, the LM head, which IS the embedding's weight (tests/test_vllm.py checks that it
+    follows every sync). Any other layer's warning still shows."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.quiet = {"RotaryEmbedding"} | ({"ParallelLMHead"} if tied else set())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.endswith(": Failed to load weights") and msg.split(":", 1)[0] in self.quiet)
+
+
+def _quiet_reload_warnings(model) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))
+    reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _NoWeightsOfTheirOwn) for f in reload_log.filters):
+        reload_log.addFilter(_NoWeightsOfTheirOwn(tied))
 
 
 def trainer_weights(model, dtype: torch.dtype, fsdp_root=None) -> contextlib.AbstractContextManager:
@@ -266,6 +290,7 @@ class VLLMRolloutEngine:
             llm.wake_up(tags=["weights"])
         from grace_lightning.models.backbone import torch_dtype
 
+        _quiet_reload_warnings(self.model)
         with trainer_weights(self.model, torch_dtype(self.cfg.dtype), fsdp_root) as weights:
             llm.collective_rpc(
                 "reload_weights",
