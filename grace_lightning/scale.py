@@ -584,6 +584,8 @@ def layer_saved_for(s: Shape) -> LayerSaved:
 
 # ------------------------------------------------------------------ a composed run's config
 def _get(cfg, key: str, default=None):
+    """``cfg``'s value at the dotted ``key`` (a composed DictConfig or plain dicts); ``default``
+    where a node is missing or null (the paper recipe's value: `Recipe`, `Setting`)."""
     node = cfg
     for part in key.split("."):
         try:
@@ -628,9 +630,9 @@ def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int
         lora=bool(peft),
         gc=gc,
         devices=max(1, int(world)),
-        lora_r=int(_get(peft, "r", 16)) if peft else 16,
-        share_prompt=bool(_get(cfg, "algo.share_prompt", True)),
-        shared_prompt_kv=bool(_get(cfg, "rollout.share_prompt_kv", True)),
+        lora_r=int(_get(peft, "r", Setting.lora_r)) if peft else Setting.lora_r,
+        share_prompt=bool(_get(cfg, "algo.share_prompt", Setting.share_prompt)),
+        shared_prompt_kv=bool(_get(cfg, "rollout.share_prompt_kv", Setting.shared_prompt_kv)),
         sharded="fsdp" in target.lower(),
         term_grads=(  # rl/update.py: pg + joint copies, only with the joint loss on
             2
@@ -639,14 +641,14 @@ def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int
             else 0
         ),
     )
-    k = int(_get(cfg, "rollout.num_generations", 8))
+    k = int(_get(cfg, "rollout.num_generations", Recipe.k))
     recipe = Recipe(
-        prompts=int(_get(cfg, "data.prompts_per_step", 64)),
+        prompts=int(_get(cfg, "data.prompts_per_step", Recipe.prompts)),
         k=k,
         anchors=2 if str(_get(cfg, "reward.mode", "sup")) == "sup" else 1,
-        prompt_len=int(_get(cfg, "prompt.max_prompt_tokens", 1024)),
-        response_len=int(_get(cfg, "rollout.max_new_tokens", 2048)),
-        minibatch=int(_get(cfg, "algo.prompts_per_minibatch", 16)),
+        prompt_len=int(_get(cfg, "prompt.max_prompt_tokens", Recipe.prompt_len)),
+        response_len=int(_get(cfg, "rollout.max_new_tokens", Recipe.response_len)),
+        minibatch=int(_get(cfg, "algo.prompts_per_minibatch", Recipe.minibatch)),
     )
     lp, r = recipe.prompt_len, recipe.response_len
     micro = _get(cfg, "algo.micro_batch_size")
@@ -680,9 +682,9 @@ def config_contrastive(cfg, world: int = 1) -> tuple[Setting, int, int] | None:
     if objective not in ("infonce", "simcse"):
         return None
     _, st, _, _ = config_recipe(cfg, world)
-    per_gpu = max(1, int(_get(cfg, "data.prompts_per_step", 64)) // st.devices)
+    per_gpu = max(1, int(_get(cfg, "data.prompts_per_step", Recipe.prompts)) // st.devices)
     texts = per_gpu * (3 if objective == "infonce" else 2)
-    longest = int(_get(cfg, "prompt.max_prompt_tokens", 1024))
+    longest = int(_get(cfg, "prompt.max_prompt_tokens", Recipe.prompt_len))
     cut = _get(cfg, "model.max_text_tokens")
     if cut:
         longest = min(longest, int(cut) + TEMPLATE_TOKENS)
