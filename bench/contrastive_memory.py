@@ -8,6 +8,7 @@ the preset (texts cut to 256 tokens), LLM2Vec's 512 on one GPU, and 512 with FSD
 
     python bench/contrastive_memory.py            # GiB per GPU; usable: 74 of an 80 GB GPU
     python bench/contrastive_memory.py --measure  # one step on this CPU vs the model (~2 min)
+    python bench/contrastive_memory.py --measure --device cuda   # paper_infonce's batch, 28 layers
 
 ``--measure`` runs ContrastiveModule's step (the decoder over every text, mean pooling after the
 system prompt, InfoNCE, backward) under bf16 autocast on a random-init model of Qwen2.5-1.5B's
@@ -45,9 +46,12 @@ def table(method: str = "infonce") -> dict[str, dict[str, float]]:
     return out
 
 
-def measure(texts: int = 24, text_len: int = 352, layers: int = 2, gc: bool = True) -> dict:
-    """One contrastive forward + backward on this CPU: measured bytes above the step's start
-    (weights and AdamW state already there) vs `predict_contrastive_peak`'s update parts."""
+def measure(
+    texts: int = 24, text_len: int = 352, layers: int = 2, gc: bool = True, device: str = "cpu"
+) -> dict:
+    """One contrastive forward + backward (the second step: AdamW's state exists): bytes above
+    the step's start vs `predict_contrastive_peak`'s update parts at ``layers`` layers. CPU: the
+    RSS high-water mark (`PhasePeaks`); CUDA: ``torch.cuda.max_memory_allocated``."""
     import torch
 
     from bench.paper_scale import PhasePeaks, build_model
@@ -57,19 +61,20 @@ def measure(texts: int = 24, text_len: int = 352, layers: int = 2, gc: bool = Tr
 
     torch.manual_seed(0)
     shape = scale.SHAPES["qwen"]
-    model = build_model(shape, layers)
+    model = build_model(shape, layers).to(device)
     model.config.use_cache = False
     if gc:
         model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    ids = torch.randint(100, shape.vocab, (texts, text_len))
+    ids = torch.randint(100, shape.vocab, (texts, text_len), device=device)
     mask = torch.ones_like(ids)
     b = texts // 3
     peaks = PhasePeaks()
+    cuda = device.startswith("cuda")
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
             hidden = model.get_decoder()(
                 input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)
             ).last_hidden_state  # (N, T, D)
@@ -77,22 +82,32 @@ def measure(texts: int = 24, text_len: int = 352, layers: int = 2, gc: bool = Tr
         loss, _ = info_nce(emb[:b], emb[b:], 0.05)
         loss.backward()
 
+    measured = 0
     for _ in range(2):  # the first step creates AdamW's state; the second is measured
         opt.zero_grad(set_to_none=True)
-        peaks.enter("update")
-        step()
-        peaks.exit()
+        if cuda:
+            torch.cuda.synchronize()
+            start = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            measured = torch.cuda.max_memory_allocated() - start
+        else:
+            peaks.enter("update")
+            step()
+            peaks.exit()
+            measured = peaks.peak["update"]
         opt.step()
     st = scale.Setting(gc=gc)
     want = scale.predict_contrastive_peak(shape, st, texts, text_len, layers=layers)
-    predicted = sum(want["update"].values())  # the update phase above the static memory
     return {
         "texts": texts,
         "text_len": text_len,
         "layers": layers,
         "gc": gc,
-        "measured_bytes": peaks.peak["update"],
-        "predicted_bytes": predicted,
+        "device": device,
+        "measured_bytes": measured,
+        "predicted_bytes": sum(want["update"].values()),  # the update phase above the static
         "parts": want["update"],
     }
 
@@ -101,15 +116,25 @@ def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--measure", action="store_true", help="one step on this CPU vs the model")
+    parser.add_argument("--measure", action="store_true", help="one step vs the model")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (bench/gpu_checks.sh)")
+    parser.add_argument("--layers", type=int, help="default: 2 on cpu, all 28 on cuda")
+    parser.add_argument("--texts", type=int, help="default: 24 on cpu, 192 (64 triplets) on cuda")
+    parser.add_argument("--text-len", type=int, default=352, help="paper_infonce's 256 + 96")
     args = parser.parse_args()
     if args.measure:
+        import torch
+
         from bench._common import cpu_info
 
+        cuda = args.device.startswith("cuda")
         info = cpu_info()
-        print(f"CPU: {info.get('model')}, {info['cores']} cores")
-        for gc in (True, False):
-            r = measure(gc=gc)
+        where = torch.cuda.get_device_name() if cuda else f"{info.get('model')}, {info['cores']}"
+        print(f"device: {where}{'' if cuda else ' cores'}")
+        layers = args.layers or (scale.SHAPES["qwen"].layers if cuda else 2)
+        texts = args.texts or (192 if cuda else 24)
+        for gc in (True,) if cuda else (True, False):  # 28 layers without GC: ~230 GB
+            r = measure(texts, args.text_len, layers, gc, args.device)
             m, w = r["measured_bytes"] / scale.GIB, r["predicted_bytes"] / scale.GIB
             print(
                 f"{r['texts']} texts x {r['text_len']} tokens, Qwen2.5-1.5B width, "

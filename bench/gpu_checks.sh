@@ -13,6 +13,9 @@
 #      1e-5 in fp32, bf16-mixed FSDP finite)
 #   4. decode (100 s): bench/gpu_decode.py on the Qwen2.5-1.5B shape: engine loop vs
 #      model.generate vs StaticCache + torch.compile, tokens/s
+#   5. contrastive (60 s): bench/contrastive_memory.py --measure --device cuda: one InfoNCE step
+#      of paper_infonce's batch (192 texts x 352 tokens, Qwen2.5-1.5B, 28 layers, GC), CUDA peak
+#      next to the memory model's update phase
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -37,6 +40,8 @@ if [ "$SMOKE" = "1" ]; then
   run train_qwen 240 python bench/gpu_train_check.py --cpu-smoke
   run decode 120 python bench/gpu_decode.py --device cpu --tiny --models qwen1.5b --repeats 1 \
     --compile-mode none  # torch.compile alone takes ~90 s on 2 CPU cores
+  run contrastive 120 python bench/contrastive_memory.py --measure --layers 1 --texts 6 \
+    --text-len 32
 else
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
   run train_qwen 190 python bench/gpu_train_check.py --rollout-batches 3
@@ -44,6 +49,7 @@ else
     trainer=fsdp trainer.devices=1
   run fsdp_equal 80 env GPUS=1 OUT="$OUT/fsdp" bash bench/gpu_check_fsdp.sh
   run decode 100 python bench/gpu_decode.py --models qwen1.5b --repeats 1
+  run contrastive 60 python bench/contrastive_memory.py --measure --device cuda
 fi
 echo "gpu_checks: $failed piece(s) failed, $((SECONDS - t_start)) s in all; logs in $OUT"
 exit "$failed"
