@@ -45,7 +45,7 @@ prefill, two constants; a_s, w per backbone from one real-width layer (`LayerSav
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 GIB = 1024**3
@@ -473,7 +473,7 @@ def contrastive_update_parts(
     and pools its last hidden states: the GRACE loss pass's layer model (`update_parts`) on
     full sequences of no response, without the LM head (never called)."""
     m = MicroShape(rows=texts, prompts=texts, prompt_len=text_len, response_len=0)
-    flat = Setting(**{**st.__dict__, "share_prompt": False, "term_grads": 0})
+    flat = replace(st, share_prompt=False, term_grads=0)
     parts = update_parts(s, layers, flat, m, c, lay, vocab_chunk=None)
     parts.pop("lm_head", None)
     if parts.pop("tied_grad", None) is not None:  # full FT: the embedding's dense fp32 gradient
