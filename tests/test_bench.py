@@ -119,6 +119,25 @@ def test_decode_flops_match_torch_counter(llama):
     assert common.decode_flops(shape, [n] * b, steps) == counted(decode)
 
 
+def test_contrastive_step_flops_match_torch_counter(llama):
+    """A contrastive step (the startup estimate of method=infonce|simcse): the decoder over every
+    text, no LM head, forward + backward = 3x the forward's matrix FLOPs, as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from grace_lightning.flops import contrastive_step_flops
+
+    shape = common.ModelShape.from_hf_config(llama.config)
+    b, n = 3, 11
+    ids = torch.randint(0, 320, (b, n))
+    with FlopCounterMode(display=False) as mode:
+        llama.get_decoder()(input_ids=ids).last_hidden_state.mean().backward()
+    llama.zero_grad(set_to_none=True)
+    # eager attention multiplies the whole n x n square; the estimate counts causal pairs
+    assert 3 * common.forward_flops(shape, b * n, b * n * n, 0) == mode.get_total_flops()
+    causal = 3 * common.forward_flops(shape, b * n, b * common.causal_pairs(n), 0)
+    assert contrastive_step_flops(shape, [n] * b) == causal
+
+
 def test_grace_step_counts_shared_prompt_once():
     shape = common.ModelShape(
         name="toy",
