@@ -256,13 +256,12 @@ def describe(cfg: DictConfig) -> str:
     objective = contrastive_objective(cfg)
     if objective is not None:
         epochs = int(cfg.trainer.get("max_epochs", -1) or -1)
-        horizon = (
-            f"{steps} steps"
-            if steps > 0
-            else f"{epochs} epoch{'s' * (epochs != 1)}"
-            if epochs > 0
-            else "no step limit"
-        )
+        if steps > 0:
+            horizon = f"{steps} steps"
+        elif epochs > 0:
+            horizon = f"{epochs} epoch" + ("s" if epochs != 1 else "")
+        else:
+            horizon = "no step limit"
         unit = "triplets" if objective == "infonce" else "sentences (two views each)"
         return (
             f"backbone={cfg.backbone.name} method={objective} "
