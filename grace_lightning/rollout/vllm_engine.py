@@ -142,8 +142,9 @@ def _quiet_reload_warnings(model) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     reload_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if not any(isinstance(f, _NoWeightsOfTheirOwn) for f in reload_log.filters):
-        reload_log.addFilter(_NoWeightsOfTheirOwn(tied))
+    for old in [f for f in reload_log.filters if isinstance(f, _NoWeightsOfTheirOwn)]:
+        reload_log.removeFilter(old)  # the model being synced decides (tied or not)
+    reload_log.addFilter(_NoWeightsOfTheirOwn(tied))
 
 
 def trainer_weights(model, dtype: torch.dtype, fsdp_root=None) -> contextlib.AbstractContextManager:
