@@ -145,6 +145,20 @@ def test_reload_warnings_of_layers_without_weights_are_dropped():
         assert f.filter(rec("QKVParallelLinear: Failed to load weights"))
     assert not tied.filter(rec("ParallelLMHead: Failed to load weights"))
     assert untied.filter(rec("ParallelLMHead: Failed to load weights"))
+    # installed once on vLLM's reload logger; the model being synced decides (tied or not)
+    from types import SimpleNamespace
+
+    from grace_lightning.rollout.vllm_engine import _quiet_reload_warnings
+
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    kept = list(log.filters)
+    try:
+        for tie in (True, False):
+            _quiet_reload_warnings(SimpleNamespace(config=SimpleNamespace(tie_word_embeddings=tie)))
+        ours = [f for f in log.filters if isinstance(f, _NoWeightsOfTheirOwn)]
+        assert len(ours) == 1 and ours[0].quiet == {"RotaryEmbedding"}
+    finally:
+        log.filters[:] = kept
 
 
 def test_weight_sync_after_an_optimiser_step(setup):
