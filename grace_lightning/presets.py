@@ -204,7 +204,9 @@ def step_estimate(cfg: DictConfig, gflops: float) -> dict[str, float]:
     p = min(int(cfg.prompt.max_prompt_tokens), 128)
     objective = contrastive_objective(cfg)
     if objective is not None:
-        texts = b * (3 if objective == "infonce" else 2)
+        from grace_lightning.scale import TEXTS_PER_ITEM
+
+        texts = b * TEXTS_PER_ITEM[objective]
         flops = float(contrastive_step_flops(shape, [p] * texts))
         return {"flops": flops, "seconds": flops / (gflops * 1e9), "prompt_tokens": p}
     k = int(cfg.rollout.num_generations)

@@ -463,6 +463,9 @@ def predict_peak(
 # Chat template + system prompt around a text, in tokens: an upper bound for the four paper
 # backbones with upstream's system prompt (Llama-3.2's template adds its date lines, ~75 in all)
 TEMPLATE_TOKENS = 96
+# texts embedded per batch item: InfoNCE a query, its positive and one hard negative; SimCSE two
+# dropout views of a sentence (contrastive.ContrastiveModule._infonce_step / _simcse_step)
+TEXTS_PER_ITEM = {"infonce": 3, "simcse": 2}
 
 
 def contrastive_update_parts(
@@ -613,20 +616,16 @@ def config_shape(cfg) -> Shape | None:
         return None
 
 
-def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int | None]:
-    """(recipe, setting, micro rows, rollout rows) of a composed run config on ``world`` GPUs.
-
-    Batch sizes are global (data.prompts_per_step, algo.prompts_per_minibatch); micro rows are
-    the smaller of algo.micro_batch_size and the rows whose padded rectangle fits
-    algo.max_tokens_per_micro_batch; rollout rows the smaller of rollout.max_rows_per_batch and
-    the rows whose KV fits rollout.max_kv_tokens (None: no limit)."""
+def config_setting(cfg, world: int = 1) -> Setting:
+    """How a composed run config runs on each of ``world`` GPUs (LoRA, checkpointing, FSDP,
+    prompt sharing, the first steps' per-term gradient copies)."""
     strategy = _get(cfg, "trainer.strategy", "")
     target = str(_get(strategy, "_target_", strategy) if hasattr(strategy, "get") else strategy)
     peft = _get(cfg, "peft")
     gc = bool(_get(cfg, "model.gradient_checkpointing", False)) or bool(
         hasattr(strategy, "get") and _get(strategy, "activation_checkpointing", False)
     )
-    st = Setting(
+    return Setting(
         lora=bool(peft),
         gc=gc,
         devices=max(1, int(world)),
@@ -641,6 +640,16 @@ def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int
             else 0
         ),
     )
+
+
+def config_recipe(cfg, world: int = 1) -> tuple[Recipe, Setting, int | None, int | None]:
+    """(recipe, setting, micro rows, rollout rows) of a composed run config on ``world`` GPUs.
+
+    Batch sizes are global (data.prompts_per_step, algo.prompts_per_minibatch); micro rows are
+    the smaller of algo.micro_batch_size and the rows whose padded rectangle fits
+    algo.max_tokens_per_micro_batch; rollout rows the smaller of rollout.max_rows_per_batch and
+    the rows whose KV fits rollout.max_kv_tokens (None: no limit)."""
+    st = config_setting(cfg, world)
     k = int(_get(cfg, "rollout.num_generations", Recipe.k))
     recipe = Recipe(
         prompts=int(_get(cfg, "data.prompts_per_step", Recipe.prompts)),
@@ -679,11 +688,11 @@ def config_contrastive(cfg, world: int = 1) -> tuple[Setting, int, int] | None:
     query, its positive and one hard negative per triplet, SimCSE each sentence twice; a text is
     cut to model.max_text_tokens inside the chat template (`contrastive.training_prompter`)."""
     objective = str(_get(cfg, "model.objective", ""))
-    if objective not in ("infonce", "simcse"):
+    if objective not in TEXTS_PER_ITEM:
         return None
-    _, st, _, _ = config_recipe(cfg, world)
+    st = config_setting(cfg, world)
     per_gpu = max(1, int(_get(cfg, "data.prompts_per_step", Recipe.prompts)) // st.devices)
-    texts = per_gpu * (3 if objective == "infonce" else 2)
+    texts = per_gpu * TEXTS_PER_ITEM[objective]
     longest = int(_get(cfg, "prompt.max_prompt_tokens", Recipe.prompt_len))
     cut = _get(cfg, "model.max_text_tokens")
     if cut:
