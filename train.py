@@ -13,8 +13,12 @@ line is resolved here, before Hydra composes (grace_lightning/presets.py).
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from grace_lightning.data.readers import DataError
+from grace_lightning.errors import ConfigError
 from grace_lightning.presets import HardwareError, PresetError, resolve_overrides
 from grace_lightning.train import metric_value, train
 
@@ -23,8 +27,16 @@ from grace_lightning.train import metric_value, train
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except HardwareError as e:  # no GPU / not enough GPU memory: one line, no traceback
-        sys.exit(str(e))
+    except (ConfigError, DataError, HardwareError) as e:
+        # found at startup, before any model loads: one line that says what to change, no
+        # traceback. In a multirun the job fails instead, so that the launcher records it and
+        # runs the other jobs (each of which may be fine).
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        if isinstance(e, HardwareError):  # no GPU / not enough GPU memory
+            sys.exit(str(e))
+        print(f"error: {e}", file=sys.stderr)  # bad config value or bad data: as eval.py
+        sys.exit(2)
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 

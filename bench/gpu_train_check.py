@@ -104,7 +104,7 @@ def main() -> None:
             setattr(args, key, value)
 
     import torch
-    from paper_scale import PhasePeaks, synthetic_triplets
+    from paper_scale import PhasePeaks, synthetic_triplets, timed_methods
 
     import grace_lightning.module as module_mod
     import grace_lightning.train as train_mod
@@ -119,18 +119,7 @@ def main() -> None:
     cls.rollout = peaks.wrap(cls.rollout, "rollout")
     cls.update = peaks.wrap(cls.update, "update")
     torch.optim.AdamW.step = peaks.wrap(torch.optim.AdamW.step, "optim_step", exclude=True)
-    times: dict[str, list[float]] = {"rollout": [], "update": [], "training_step": []}
-    for name in times:
-        fn = getattr(cls, name)
-
-        def timed(*a, _fn=fn, _name=name, **kw):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                times[_name].append(time.perf_counter() - t0)
-
-        setattr(cls, name, timed)
+    times = timed_methods(cls, ("rollout", "update", "training_step"))
     seen: dict = {}
     real_train = train_mod.train
 

@@ -177,6 +177,23 @@ def rss_kb(field: str = "VmRSS") -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def timed_methods(cls, names: tuple[str, ...]) -> dict[str, list[float]]:
+    """Wrap each ``cls.<name>`` to record its wall time per call: name -> seconds, one per call."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        fn = getattr(cls, name)
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                times[_name].append(time.perf_counter() - t0)
+
+        setattr(cls, name, timed)
+    return times
+
+
 class PhasePeaks:
     """RSS high-water mark per phase, relative to the RSS when the phase starts (bytes).
 
@@ -418,18 +435,7 @@ def run_point(p: Point) -> dict:
         pass
     torch.optim.AdamW.step = peaks.wrap(torch.optim.AdamW.step, "optim_step", exclude=True)
     observe_shapes(result)
-    timer: dict[str, float] = {}
-    for name in ("rollout", "update", "training_step"):
-        fn = getattr(cls, name)
-
-        def timed(*a, _fn=fn, _name=name, **kw):
-            t0 = time.perf_counter()
-            try:
-                return _fn(*a, **kw)
-            finally:
-                timer[_name] = timer.get(_name, 0.0) + time.perf_counter() - t0
-
-        setattr(cls, name, timed)
+    times = timed_methods(cls, ("rollout", "update", "training_step"))
 
     # the run's checkpoints are GBs at these shapes: the directory goes when the run ends
     with tempfile.TemporaryDirectory(prefix="bench-paper-scale-", ignore_cleanup_errors=True) as d:
@@ -445,9 +451,10 @@ def run_point(p: Point) -> dict:
         t0 = time.perf_counter()
         train(cfg)
         result["wall_s"] = time.perf_counter() - t0
-    result["rollout_s"] = timer.get("rollout")
-    result["update_s"] = timer.get("update")
-    result["step_s"] = timer.get("training_step")
+    total = {name: sum(t) if t else None for name, t in times.items()}
+    result["rollout_s"] = total["rollout"]
+    result["update_s"] = total["update"]
+    result["step_s"] = total["training_step"]
     result["peaks"] = peaks.peak
     result["peaks_above_base"] = {k: v - base * 1024 for k, v in peaks.absolute.items()}
     result["process_peak_bytes"] = (

@@ -214,6 +214,47 @@ def test_no_gpu_for_a_contrastive_baseline_names_its_own_step_and_short_job(tmp_
         assert f"~{presets._duration(est['seconds'])} a step on this CPU" in msg
 
 
+def test_the_cli_names_bad_data_in_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"anchor": "a", "positive": "b", "hard_negative": "c"}\n{"anchor": "q"}\n')
+    proc = run_train(
+        "experiment=none",
+        "backbone=tiny",
+        "reward=sup",
+        "data=shared",
+        f"data.sup.path={bad}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]  # after Lightning's "Seed set"
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr, proc.stderr
+    assert lines[-1] == f"error: {bad}:2: field 'positive': missing", proc.stderr[-2000:]
+
+
+def test_the_cli_names_a_bad_config_value_in_one_line(tmp_path):
+    proc = run_train(
+        "experiment=none", "backbone=tiny", "trainer.max_steps=abc", f"hydra.run.dir={tmp_path}"
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == ["error: trainer.max_steps: expected an integer, got 'abc'"], proc.stderr
+
+
+def test_a_bad_multirun_job_fails_alone(tmp_path):
+    # the launcher records the failed job and still runs the next one (a one-line exit would
+    # end the whole sweep at the first bad job)
+    proc = run_train(
+        "-m",
+        "experiment=none",
+        "backbone=tiny",
+        "trainer.max_steps=abc,xyz",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert proc.returncode != 0
+    assert "trainer.max_steps: expected an integer, got 'abc'" in proc.stderr
+    assert (tmp_path / "0").is_dir() and (tmp_path / "1").is_dir(), sorted(tmp_path.iterdir())
+
+
 def test_cpu_recipes_never_ask_for_a_gpu(tmp_path):
     check_hardware(make_cfg([], tmp_path, preset="auto"), FakeCuda(gpus=0))
     check_hardware(make_cfg(["trainer=ddp_cpu"], tmp_path), FakeCuda(gpus=0))
