@@ -804,3 +804,20 @@ def test_a_stage_records_the_cpu_other_processes_used(tmp_path, monkeypatch):
     assert done["others_cpu_share"] == attempt["others_cpu_share"]
     # the burner alone is 1 / cores of the machine; whatever else runs here adds to it
     assert done["others_cpu_share"] >= 0.8 / os.cpu_count()
+
+
+def test_a_record_keeps_its_line_endings_and_is_not_rewritten_when_unchanged(tmp_path):
+    import os
+
+    from grace_lightning.study.stages import ROOT_MARK, _copy
+
+    out, rec = tmp_path / "metrics.csv", tmp_path / "rec.csv"
+    out.write_bytes(b"step,model\r\n1,/repo/outputs/x\r\n")  # Lightning's CSV: CRLF
+    _copy(out, rec, "/repo", ROOT_MARK)
+    assert rec.read_bytes() == b"step,model\r\n1,<repo>/outputs/x\r\n"
+    os.utime(rec, (1, 1))
+    _copy(out, rec, "/repo", ROOT_MARK)  # record -> restore -> record: the same text
+    assert rec.stat().st_mtime == 1
+    back = tmp_path / "restored.csv"
+    _copy(rec, back, ROOT_MARK, "/repo")
+    assert back.read_bytes() == out.read_bytes()

@@ -689,11 +689,20 @@ ROOT_MARK = "<repo>"  # the repo root in records: no machine's absolute path goe
 
 
 def _copy(src: Path, dst: Path, old: str, new: str) -> None:
-    """Copy a record, with ``old`` -> ``new`` in its text (paths under the repo root)."""
+    """Copy a record, with ``old`` -> ``new`` in its text (paths under the repo root). Line
+    endings are kept as they are (Lightning's metrics.csv ends its lines with CRLF), and a record
+    whose text would not change is not rewritten (a restore-then-record round trip leaves git
+    clean)."""
     try:
-        dst.write_text(src.read_text().replace(old, new))
+        with open(src, newline="") as f:
+            text = f.read().replace(old, new)
     except UnicodeDecodeError:
         shutil.copy2(src, dst)
+        return
+    if dst.is_file() and dst.read_bytes() == text.encode():
+        return
+    with open(dst, "w", newline="") as f:
+        f.write(text)
 
 
 def restore_records(cfg: DictConfig, stages: list[Stage]) -> int:
