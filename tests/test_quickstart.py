@@ -30,7 +30,7 @@ def test_python_train_py_is_the_quickstart_preset(tmp_path):
     assert OmegaConf.to_container(auto) == OmegaConf.to_container(named)
     cfg = make_cfg([], tmp_path, preset="quickstart")
     validate(cfg)
-    # the study's best recipe on the embedded model, ~10 minutes of 2 cores, scored on dev data
+    # GRACE's best recipe in the studies on the embedded model, ~10 minutes of 2 cores, scored on dev data
     assert cfg.backbone.name == "smollm2" and cfg.trainer.precision == "bf16-mixed"
     assert cfg.trainer.max_time == "00:00:09:00" and cfg.trainer.max_steps >= 100
     assert cfg.data.sup.kind == "jsonl" and cfg.callbacks.dev_eval.at_start
