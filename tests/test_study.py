@@ -411,6 +411,27 @@ def test_drift_table_means_of_first_and_last_batches():
     assert drift_table([{"label": "x", "metrics": []}]) == ""
 
 
+def test_term_norm_table_shows_how_hard_each_loss_term_pushed():
+    from grace_lightning.study.report import term_norm_table
+
+    logged = [{"step": i, "grad_norm/pg": 1.0 + i, "grad_norm/joint": 4.0} for i in range(3)]
+    later = [{"step": 3, "loss": 0.5}]  # steps after the logged ones carry neither key
+    records = [
+        {"label": "GRACE + joint", "metrics": logged + later},
+        {
+            "label": "joint only",
+            "metrics": [{"step": 0, "grad_norm/pg": 0.0, "grad_norm/joint": 2.0}],
+        },
+        {"label": "InfoNCE", "metrics": [{"step": 0, "loss": 1.0}]},
+    ]
+    table = term_norm_table(records).splitlines()
+    assert table[0] == "| Row | steps | grad_norm/pg | grad_norm/joint | pg / joint |"
+    assert table[2] == "| GRACE + joint | 3 | 2 | 4 | 0.5 |"  # pg: mean of 1, 2, 3
+    assert table[3] == "| joint only | 1 | 0 | 2 | 0 |"
+    assert len(table) == 4  # a row that logged neither has no line
+    assert term_norm_table([{"label": "x", "metrics": []}]) == ""
+
+
 # ---------------------------------------------------------------------------- study v3
 def v3_cfg(tmp_path: Path, *overrides: str):
     from hydra.core.global_hydra import GlobalHydra

@@ -228,6 +228,27 @@ def drift_table(records: Sequence[Mapping[str, Any]], window: int = 8) -> str:
     return "\n".join([head, rule, *lines])
 
 
+def term_norm_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """Each row's per-term gradient norms (``grad_norm/pg``, ``grad_norm/joint``: logged on the
+    first ``algo.log_term_grad_norms_steps`` optimiser steps) as their mean over those steps and
+    the ratio of the means: how hard each term of the loss pushed. Empty when no row logged them."""
+    lines = []
+    for r in records:
+        pg = [v for v in series(r["metrics"], "grad_norm/pg")[1] if math.isfinite(v)]
+        joint = [v for v in series(r["metrics"], "grad_norm/joint")[1] if math.isfinite(v)]
+        if not pg and not joint:
+            continue
+        mean_pg = sum(pg) / len(pg) if pg else None
+        mean_joint = sum(joint) / len(joint) if joint else None
+        ratio = mean_pg / mean_joint if mean_pg is not None and mean_joint else None
+        cells = [_fmt(None if x is None else round(x, 3)) for x in (mean_pg, mean_joint, ratio)]
+        lines.append(f"| {r['label']} | {max(len(pg), len(joint))} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = "| Row | steps | grad_norm/pg | grad_norm/joint | pg / joint |"
+    return "\n".join([head, "|---|---:|---:|---:|---:|", *lines])
+
+
 def bootstrap_records(
     records: Sequence[Mapping[str, Any]], references: Sequence[str], n: int, seed: int, level: float
 ) -> dict[str, dict[str, Any]]:
@@ -538,6 +559,15 @@ def build_report(cfg, rows: Mapping[str, Mapping[str, Any]], report_dir: Path) -
             "grace_lightning/rl/diagnostics.py): policy entropy (nats/token), distinct bigrams "
             "over a batch's rationales, mean cosine and duplicate fraction of rationales of "
             f"different texts, rationale length (tokens) and the fraction clipped.\n\n{drift}"
+        )
+    norms = term_norm_table(records)
+    if norms:
+        parts.append(
+            "**Per-term gradient norms**, mean over the first optimiser steps (metrics.csv; "
+            "`algo.log_term_grad_norms_steps`): the L2 norm of the gradient of the weighted "
+            "policy-gradient term (`pg_weight x` PPO-clip) and of the weighted joint InfoNCE term "
+            "(`contrastive_weight x` InfoNCE), each on its own, before clipping; "
+            f"0 for pg in the `pg_weight=0` arms.\n\n{norms}"
         )
     if missing:
         parts.append(f"Not finished yet: {', '.join(missing)}.")
