@@ -155,7 +155,10 @@ class ContrastiveModule(L.LightningModule):
         ids, mask = left_pad(self.prompter.encode(texts), self.tokenizer.pad_token_id, self.device)
         hidden = (
             self.policy.get_decoder()(
-                input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions_from_mask(mask),
+                use_cache=False,  # one pass, no decoding: no KV cache to build or hold
             )
         ).last_hidden_state  # (N, T, D)
         return masked_mean_pool(hidden, pooling_mask(mask, self.prompter.system_len))  # (N, D)

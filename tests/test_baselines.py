@@ -177,3 +177,18 @@ def test_contrastive_lora_trains_adapters_only_and_exports_merged(tmp_path):
 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_embed_is_one_pass_without_a_kv_cache(tmp_path):
+    """The baselines embed with one decoder pass and never decode: no KV cache is built (the
+    memory model, scale.predict_contrastive_peak, counts none)."""
+    cfg = make_cfg([*TINY, "method=infonce"], tmp_path)
+    module = instantiate(cfg.model, _convert_="all")
+    assert module.policy.config.use_cache  # without gradient checkpointing the config says build
+    caches = []
+    module.policy.get_decoder().register_forward_hook(
+        lambda mod, args, out: caches.append(out.past_key_values)
+    )
+    emb = module.embed(["A man plays a guitar.", "A dog runs."])
+    assert emb.shape[0] == 2 and emb.requires_grad
+    assert caches == [None]
