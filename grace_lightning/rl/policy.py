@@ -149,10 +149,12 @@ def _auto_chunk_tokens(lm_head) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * int(vocab)))
 
 
-def _hidden_shared_prompt(
-    decoder, prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt
-):
-    """Prompt once per group, responses on the expanded cache. -> (N, R, D)"""
+def prefill_prompts(decoder, prompt_ids, prompt_mask):
+    """One pass over the (P, Lp) left-padded prompts, with gradient when enabled.
+
+    -> (last hidden states (P, Lp, D), the KV cache it filled, the decoder's cache kwarg name).
+    `rl/joint.py` and `_hidden_shared_prompt` then gather the cache to the rows
+    (``cache.batch_select_indices``, differentiable) and run the responses on it."""
     from transformers import DynamicCache
 
     cache = same_dtype_kv(DynamicCache(config=decoder.config))  # K in V's dtype (rollout/kv.py)
@@ -164,7 +166,15 @@ def _hidden_shared_prompt(
         use_cache=True,
         **{key: cache},
     )
-    first = out.last_hidden_state[:, -1][row_to_prompt]  # (N, D): predicts response token 0
+    return out.last_hidden_state, cache, key
+
+
+def _hidden_shared_prompt(
+    decoder, prompt_ids, prompt_mask, response_ids, response_mask, row_to_prompt
+):
+    """Prompt once per group, responses on the expanded cache. -> (N, R, D)"""
+    prompt_hidden, cache, key = prefill_prompts(decoder, prompt_ids, prompt_mask)
+    first = prompt_hidden[:, -1][row_to_prompt]  # (N, D): predicts response token 0
     # The second pass always runs, even for 1-token responses (then on one masked dummy token):
     # under sharded FSDP every rank must issue the same number of forwards (each all-gathers the
     # layers), whatever the lengths of its own rows.

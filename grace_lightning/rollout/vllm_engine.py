@@ -38,7 +38,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,9 +48,10 @@ from grace_lightning.rollout.engine import (
     _per_prompt,
     left_pad,
 )
+from grace_lightning.schema import VllmConfig  # the one definition of `rollout.vllm`
 
 __all__ = [
-    "VLLMConfig",
+    "VllmConfig",
     "VLLMRolloutEngine",
     "sampler_metrics",
     "shared_llm",
@@ -63,26 +63,7 @@ __all__ = [
 _LLMS: dict[tuple, object] = {}  # one engine per (model, dtype, ...) in this process
 
 
-@dataclass
-class VLLMConfig:
-    """``rollout.vllm`` (conf/rollout/default.yaml documents every key)."""
-
-    dtype: str = "bfloat16"
-    gpu_memory_utilization: float = 0.3
-    kv_cache_gb: int = 2
-    max_model_len: int | None = None
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
-    sleep: bool = True
-    tis_cap: float | None = None
-    score_rows: int | None = None
-
-    @classmethod
-    def from_cfg(cls, cfg: dict | None) -> VLLMConfig:
-        return cls(**dict(cfg or {}))
-
-
-def shared_llm(model_path: str, cfg: VLLMConfig, max_model_len: int):
+def shared_llm(model_path: str, cfg: VllmConfig, max_model_len: int):
     """The process's ``vllm.LLM`` for ``model_path`` (created on first call, then reused)."""
     key = (str(model_path), cfg.dtype, cfg.enforce_eager, cfg.enable_prefix_caching, max_model_len)
     if key in _LLMS:
@@ -254,7 +235,7 @@ class VLLMRolloutEngine:
         eos_token_ids: list[int] | None = None,
         ignore_eos: bool = False,
         max_prompt_tokens: int = 1024,
-        vllm: VLLMConfig | dict | None = None,
+        vllm: VllmConfig | dict | None = None,
         progress: ProgressFn | None = None,
     ):
         from grace_lightning.models.backbone import eos_token_ids as _eos
@@ -267,7 +248,7 @@ class VLLMRolloutEngine:
         self.eos_ids = eos_token_ids or _eos(model, tokenizer)
         self.ignore_eos = ignore_eos
         self.pad_id = tokenizer.pad_token_id
-        self.cfg = vllm if isinstance(vllm, VLLMConfig) else VLLMConfig.from_cfg(vllm)
+        self.cfg = vllm if isinstance(vllm, VllmConfig) else VllmConfig.from_cfg(vllm)
         self.max_model_len = self.cfg.max_model_len or (max_prompt_tokens + max_new_tokens)
         self.progress = progress
         self.last_sync_s = 0.0  # seconds of the last weight sync
