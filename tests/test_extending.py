@@ -25,6 +25,7 @@ from grace_lightning.rl.targets import (
     resolve_terms,
     score_terms,
 )
+from grace_lightning.schema import RewardConfig
 from grace_lightning.train import train
 
 from .conftest import ROOT
@@ -214,7 +215,7 @@ def test_yaml_terms_are_the_papers_and_score_as_the_reward_functions(mode, tmp_p
     without ``terms`` gets), and scoring them gives supervised_/unsupervised_rewards bit for bit."""
     cfg = make_cfg([f"reward={mode}"], tmp_path)
     reward = OmegaConf.to_container(cfg.reward, resolve=True)
-    assert reward["terms"] == reward_fns.paper_terms(mode)
+    assert reward["terms"] == reward_fns.paper_terms(RewardConfig(mode=mode))
     no_terms = {k: v for k, v in reward.items() if k != "terms"}
     yaml_terms, code_terms = resolve_terms(reward), resolve_terms(no_terms)
     assert [(t.name, t.target, t.inputs) for t in yaml_terms] == [

@@ -172,29 +172,23 @@ def weighted_total(terms: dict[str, Tensor], weights: dict[str, float], tau: flo
     return total / tau
 
 
-def paper_terms(
-    mode: Literal["sup", "unsup"],
-    *,
-    lambda_consistency: float = 0.2,
-    lambda_hard: float = 0.2,
-    negative_mode: str = "paper",
-    hard_mode: str = "paper",
-    cross_group: str = "paper",
-) -> dict[str, dict]:
-    """The paper's ``reward.terms`` for a mode, as conf/reward/{sup,unsup}.yaml write them (a
-    test keeps the two equal). For reward configs without ``terms`` (checkpoints saved before
-    reward terms were configurable, hand-built dicts)."""
+def paper_terms(reward: RewardConfig) -> dict[str, dict]:
+    """The paper's ``reward.terms`` for ``reward.mode``, as conf/reward/{sup,unsup}.yaml write
+    them (a test keeps the two equal), with the weights and modes of ``reward`` (a
+    `RewardConfig` or its typed DictConfig; the schema holds the defaults). For reward configs
+    without ``terms`` (checkpoints saved before reward terms were configurable, hand-built
+    dicts)."""
     here = "grace_lightning.rl.rewards."
-    first = {"pos": {"_target_": here + "similarity_term", "weight": 1.0}}
-    if mode == "sup":
-        first["neg"] = {"_target_": here + "negative_term", "weight": 1.0, "mode": negative_mode}
+    sim = {"_target_": here + "similarity_term", "weight": 1.0}
+    if reward.mode == "sup":
+        neg = {"_target_": here + "negative_term", "weight": 1.0, "mode": reward.negative_mode}
+        first, hard = {"pos": sim, "neg": neg}, reward.hard_mode
     else:
-        first = {"self": first["pos"]}
-    hard = hard_mode if mode == "sup" else cross_group
+        first, hard = {"self": sim}, reward.cross_group
     return {
         **first,
-        "consistency": {"_target_": here + "consistency_term", "weight": lambda_consistency},
-        "hard": {"_target_": here + "hard_term", "weight": lambda_hard, "mode": hard},
+        "consistency": {"_target_": here + "consistency_term", "weight": reward.lambda_consistency},
+        "hard": {"_target_": here + "hard_term", "weight": reward.lambda_hard, "mode": hard},
     }
 
 

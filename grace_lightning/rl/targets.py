@@ -305,14 +305,7 @@ def term_configs(reward: Any) -> dict[str, Mapping]:
     reward = typed(RewardConfig, reward)
     terms = _plain(reward.terms)
     if terms is None:
-        terms = paper_terms(
-            reward.mode,
-            lambda_consistency=reward.lambda_consistency,
-            lambda_hard=reward.lambda_hard,
-            negative_mode=reward.negative_mode,
-            hard_mode=reward.hard_mode,
-            cross_group=reward.cross_group,
-        )
+        terms = paper_terms(reward)
     if not isinstance(terms, Mapping):
         raise ConfigError(
             f"reward.terms={terms!r}: expected a mapping of named terms, "
