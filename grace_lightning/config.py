@@ -8,9 +8,11 @@ import re
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from grace_lightning.errors import ConfigError  # noqa: F401  (re-exported: the name callers know)
 from grace_lightning.presets import experiment_choice
+from grace_lightning.schema import PromptConfig, RolloutConfig, typed
 
 # Numeric knobs and their type: "int", "float" (an int is fine), "?" suffix = null allowed.
 # Keys that are absent from the composed config are not checked (e.g. model keys of other
@@ -19,7 +21,7 @@ from grace_lightning.presets import experiment_choice
 # composes, with the key's full name ("full_key: algo.epsilon_low"): they need no entry here.
 NUMERIC_KEYS: dict[str, str] = {
     "seed": "int?",
-    "prompt.max_prompt_tokens": "int",  # prompt: a node of conf/train.yaml, not a typed group
+    "prompt.max_prompt_tokens": "int",  # prompt: a node of conf/train.yaml (schema.PromptConfig)
     "data.prompts_per_step": "int",
     "data.max_examples": "int?",
     "data.val_fraction": "float",
@@ -86,6 +88,14 @@ def check_types(cfg: DictConfig) -> None:
     ):
         shown = OmegaConf.to_container(betas) if isinstance(betas, ListConfig) else betas
         raise ConfigError(f"optim.betas: expected two numbers like [0.9, 0.999], got {shown!r}")
+    if "prompt" in cfg:  # not a Hydra group: its schema (PromptConfig) is applied here
+        try:
+            typed(PromptConfig, cfg.prompt)
+        except OmegaConfBaseException as e:
+            key = f"prompt.{e.full_key}" if getattr(e, "full_key", None) else "prompt"
+            raise ConfigError(
+                f"{key}: {str(e).splitlines()[0]} (prompt takes system_prompt, max_prompt_tokens)"
+            ) from None
 
 
 # The quickstart presets are GRACE recipes whose keys are applied after every group (an
@@ -170,8 +180,8 @@ def check_push_to_hub(cfg: DictConfig) -> None:
 
 def check_rollout_engine(cfg: DictConfig) -> None:
     """rollout.engine is hf or vllm; vllm's knobs are in range and vLLM is importable."""
-    r = cfg.rollout
-    engine = r.get("engine", "hf")
+    r = typed(RolloutConfig, cfg.rollout)  # absent keys: the schema's defaults
+    engine = r.engine
     if engine not in ("hf", "vllm"):
         raise ConfigError(
             f"rollout.engine={engine!r}: use hf (built-in sampler) or vllm (colocated vLLM, "
@@ -179,23 +189,21 @@ def check_rollout_engine(cfg: DictConfig) -> None:
         )
     if engine != "vllm":
         return
-    v = r.get("vllm") or {}
-    util = v.get("gpu_memory_utilization", 0.3)
+    v = r.vllm
+    util = v.gpu_memory_utilization
     if not 0 < util <= 1:
         raise ConfigError(
             f"rollout.vllm.gpu_memory_utilization={util}: the fraction of GPU memory vLLM may "
             f"take (weights + KV cache), in (0, 1]; the trainer needs the rest (TRL colocate: 0.3)"
         )
-    cap = v.get("tis_cap")
+    cap = v.tis_cap
     if cap is not None and cap < 1:
         raise ConfigError(
             f"rollout.vllm.tis_cap={cap}: the truncated importance-sampling cap must be >= 1 "
             f"(TRL/verl use 2), or null to turn the correction off"
         )
-    if v.get("dtype", "bfloat16") not in ("bfloat16", "float16", "float32"):
-        raise ConfigError(
-            f"rollout.vllm.dtype={v.get('dtype')!r}: use bfloat16, float16 or float32"
-        )
+    if v.dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"rollout.vllm.dtype={v.dtype!r}: use bfloat16, float16 or float32")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(
             "rollout.engine=vllm needs vLLM: pip install -e '.[vllm]' (GPU) or the CPU install "

@@ -37,7 +37,7 @@ from grace_lightning.export.policy import save_policy
 from grace_lightning.models.backbone import BackboneConfig, load_backbone
 from grace_lightning.prompts import ChatPrompter
 from grace_lightning.rollout.engine import left_pad, pooling_mask, positions_from_mask
-from grace_lightning.schema import OptimConfig, typed
+from grace_lightning.schema import OptimConfig, PromptConfig, typed
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class ContrastiveModule(L.LightningModule):
         check_args(objective, data_mode, tau, lr_schedule)
         self.objective, self.tau = objective, float(tau)
         self.backbone_cfg = BackboneConfig(**dict(backbone))
-        self.prompt_cfg, self.optim_cfg = dict(prompt), typed(OptimConfig, optim)
+        self.prompt_cfg, self.optim_cfg = typed(PromptConfig, prompt), typed(OptimConfig, optim)
         self.lr_schedule, self.warmup_steps = lr_schedule, int(warmup_steps)
         self.policy, self.tokenizer = load_backbone(self.backbone_cfg)
         if self.optim_cfg.master_weights_fp32 and self.policy.dtype != torch.float32:
@@ -139,8 +139,8 @@ class ContrastiveModule(L.LightningModule):
             self.policy = wrap_lora(self.policy, self.peft_cfg)
         self.prompter = training_prompter(
             self.tokenizer,
-            prompt.get("system_prompt"),
-            prompt.get("max_prompt_tokens", 1024),
+            self.prompt_cfg.system_prompt,
+            self.prompt_cfg.max_prompt_tokens,
             max_text_tokens,
         )
 
@@ -224,8 +224,8 @@ class ContrastiveModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """``save_pretrained`` model + tokenizer + ``grace_config.json``, like GraceModule."""
         meta = {
-            "system_prompt": self.prompt_cfg.get("system_prompt"),
-            "max_prompt_tokens": self.prompt_cfg.get("max_prompt_tokens", 1024),
+            "system_prompt": self.prompt_cfg.system_prompt,
+            "max_prompt_tokens": self.prompt_cfg.max_prompt_tokens,
             "backbone": self.backbone_cfg.name,
             "method": self.objective,
             "embedding_mode": self.embedding_mode,

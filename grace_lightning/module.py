@@ -48,7 +48,14 @@ from grace_lightning.rl.targets import needed_inputs, resolve_advantage, score_t
 from grace_lightning.rl.targets import resolve_terms as resolve_reward_terms
 from grace_lightning.rl.update import PolicyUpdater, UpdateConfig, UpdateHooks
 from grace_lightning.rollout.engine import HFRolloutEngine, RolloutBatch, text_seed
-from grace_lightning.schema import AlgoConfig, OptimConfig, RewardConfig, RolloutConfig, typed
+from grace_lightning.schema import (
+    AlgoConfig,
+    OptimConfig,
+    PromptConfig,
+    RewardConfig,
+    RolloutConfig,
+    typed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class GraceModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False  # several PPO mini-batch steps per rollout batch
         self.backbone_cfg = BackboneConfig(**dict(backbone))
-        self.prompt_cfg = dict(prompt)
+        self.prompt_cfg = prompt = typed(PromptConfig, prompt)
         self.rollout_cfg = rollout = typed(RolloutConfig, rollout)  # defaults: the schema's
         self.optim_cfg = typed(OptimConfig, optim)
         self.reward_cfg = typed(RewardConfig, reward)
@@ -92,9 +99,7 @@ class GraceModule(L.LightningModule):
         self.peft_cfg = dict(peft or {})
         if self.peft_cfg:
             self.policy = wrap_lora(self.policy, self.peft_cfg)
-        self.prompter = ChatPrompter(
-            self.tokenizer, prompt.get("system_prompt"), prompt.get("max_prompt_tokens", 1024)
-        )
+        self.prompter = ChatPrompter(self.tokenizer, prompt.system_prompt, prompt.max_prompt_tokens)
         self.engine = HFRolloutEngine(
             self.policy,
             self.tokenizer,
@@ -106,7 +111,7 @@ class GraceModule(L.LightningModule):
             max_kv_tokens=rollout.max_kv_tokens,
             share_prompt_kv=rollout.share_prompt_kv,
             share_prefix=rollout.share_prefix,
-            max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
+            max_prompt_tokens=prompt.max_prompt_tokens,
             progress_every=rollout.progress_every,
         )
         if rollout.engine == "vllm":  # colocated vLLM (rollout/vllm_engine.py)
@@ -120,7 +125,7 @@ class GraceModule(L.LightningModule):
                 top_p=rollout.top_p,
                 top_k=rollout.top_k,
                 ignore_eos=rollout.ignore_eos,
-                max_prompt_tokens=prompt.get("max_prompt_tokens", 1024),
+                max_prompt_tokens=prompt.max_prompt_tokens,
                 vllm=OmegaConf.to_container(rollout.vllm),
             )
         self._synced_step: int | None = None  # global_step whose weights the engine holds
@@ -743,8 +748,8 @@ class GraceModule(L.LightningModule):
     def export(self, directory: str | Path) -> Path:
         """``save_pretrained`` the policy and tokenizer; loadable by plain transformers."""
         meta = {
-            "system_prompt": self.prompt_cfg.get("system_prompt"),
-            "max_prompt_tokens": self.prompt_cfg.get("max_prompt_tokens", 1024),
+            "system_prompt": self.prompt_cfg.system_prompt,
+            "max_prompt_tokens": self.prompt_cfg.max_prompt_tokens,
             "backbone": self.backbone_cfg.name,
             "pooling": "mean over text + assistant header + rationale (system prompt excluded)",
             "rollout": {

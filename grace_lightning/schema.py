@@ -44,6 +44,14 @@ class OptimConfig:
 
 
 @dataclass
+class PromptConfig:
+    """``prompt`` (a node of conf/train.yaml, shared by every method): the policy's chat prompt."""
+
+    system_prompt: str | None = None  # conf/train.yaml holds the paper's; None: no system turn
+    max_prompt_tokens: int = 1024  # paper/upstream: policy prompts <= 1024 tokens
+
+
+@dataclass
 class VllmConfig:
     """``rollout.engine=vllm`` (``conf/rollout/default.yaml``, docs/vllm.md)."""
 

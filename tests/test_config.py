@@ -142,6 +142,24 @@ def test_typed_groups_refuse_wrong_types_and_unknown_keys_when_composed(
     assert message in text and f"full_key: {override_.split('=')[0]}" in text
 
 
+def test_prompt_node_is_typed_by_its_schema(tmp_path):
+    """``prompt`` is a node of conf/train.yaml, not a Hydra group: validate applies its schema
+    (PromptConfig), so a misspelt key fails before any model loads, naming it; the schema's
+    default is the one conf/train.yaml writes, and the modules read the prompt through it."""
+    from omegaconf import OmegaConf
+
+    from grace_lightning.schema import PromptConfig
+
+    cfg = make_cfg(["+prompt.system_promt=Summarise."], tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "prompt.system_promt: Key 'system_promt' not in 'PromptConfig'" in str(err.value)
+    written = OmegaConf.load(CONF / "train.yaml").prompt
+    assert written.max_prompt_tokens == PromptConfig().max_prompt_tokens
+    assert set(written) == set(OmegaConf.structured(PromptConfig))
+    validate(make_cfg(["prompt.system_prompt=null"], tmp_path))  # None: no system turn
+
+
 def _option(group: str, option: str) -> tuple[list, dict]:
     """(defaults list, the keys it sets) of conf/<group>/<option>.yaml as written."""
     from omegaconf import OmegaConf
