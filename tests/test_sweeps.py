@@ -46,7 +46,14 @@ TRAINING_METRICS = {"reward", "loss", "train/acc"}
 
 def test_the_four_sweeps_exist():
     names = {p.stem for p in SWEEPS}
-    assert {"sup_vs_unsup", "lambda_grid", "algorithms", "baselines", "qwen3_fsdp"} <= names
+    assert {
+        "sup_vs_unsup",
+        "lambda_grid",
+        "algorithms",
+        "baselines",
+        "qwen3_fsdp",
+        "pg_weight",
+    } <= names
 
 
 GPU_MEMORY = 79.6 * 2**30  # what an 80 GB H100 reports (torch.cuda total_memory)
