@@ -279,6 +279,36 @@ def test_report_draws_the_heatmap_algorithms_and_baselines(tmp_path):
     assert report.plot_lambda_heatmap(optuna, "eval/avg", tmp_path / "scatter.png") is not None
 
 
+def test_report_pairs_two_arms_by_seed(tmp_path):
+    """sweeps/pg_weight.yaml's grid (algo.pg_weight=1,0 x seed=0,1,2): runs.md gets the per-seed
+    differences A - B, their mean and the 95% t-interval, by hand: diffs -3, -2, -4 -> mean -3,
+    sd 1, half-width 4.303 / sqrt(3) = 2.484 -> [-5.48, -0.52], the reverse holds."""
+    scores = {("1", "0"): 50, ("1", "1"): 52, ("1", "2"): 51}
+    scores |= {("0", "0"): 53, ("0", "1"): 54, ("0", "2"): 55}
+    rows = []
+    for (w, seed), v in scores.items():
+        row = _row(float(v))
+        row["overrides"] = {"backbone": "qwen", "algo.pg_weight": w, "seed": seed}
+        rows.append(row)
+    result = report.build_report(rows, tmp_path)
+    p = result["paired"]
+    assert (p["key"], p["a"], p["b"]) == ("algo.pg_weight", "1", "0")
+    assert p["per_seed"] == {"0": (50, 53), "1": (52, 54), "2": (51, 55)}
+    assert p["mean"] == pytest.approx(-3.0)
+    assert p["ci"] == pytest.approx((-3 - 4.303 / 3**0.5, -3 + 4.303 / 3**0.5))
+    assert p["verdict"].startswith("contradicted")
+    text = (tmp_path / "runs.md").read_text()
+    assert "## Seed-paired: `algo.pg_weight=1` - `algo.pg_weight=0`" in text
+    assert "| 2 | 51.00 | 55.00 | -4.00 |" in text and "-3.00 [-5.48, -0.52]" in text
+    # a seed that has one arm only is left out of the pairs
+    del rows[-1]  # pg_weight=0, seed 2
+    assert list(report.seed_paired(rows, "eval/avg")["per_seed"]) == ["0", "1"]
+    # not a seed x two-arm grid: no comparison
+    for row in rows:
+        row["overrides"].pop("seed")
+    assert report.seed_paired(rows, "eval/avg") is None
+
+
 def test_report_reads_metrics_csv_versions_and_eval_scores(tmp_path):
     run = tmp_path / "run"
     (run / "csv" / "version_0").mkdir(parents=True)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from grace_lightning.eval.seeds import t_interval, verdict
 from grace_lightning.study.common import DONE, read_metrics, row_minutes
 
 SEP = "/seed"
@@ -196,25 +197,7 @@ def arms_lines(cfg: DictConfig, rows: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------------------- seed statistics
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Student-t interval of the mean over seeds (n - 1 degrees of freedom); None for n < 2."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size < 2:
-        return None
-    if abs(level - 0.95) < 1e-9 and x.size - 1 in T975:
-        t = T975[x.size - 1]
-    else:
-        from scipy.stats import t as student
-
-        t = float(student.ppf(1 - (1 - level) / 2, x.size - 1))
-    half = t * x.std(ddof=1) / math.sqrt(x.size)
-    return float(x.mean() - half), float(x.mean() + half)
-
-
+# ------------------------------------------------------------ seed tables (eval/seeds.py intervals)
 def primary_score(run: Mapping[str, Any] | None, tasks: Sequence[str]) -> float | None:
     """Mean main score x100 over ``tasks`` (all must be present), else None."""
     if run is None:
@@ -246,16 +229,6 @@ def primary_bootstrap(
         return None
     d = reps(a) - (reps(b) if b is not None else 0.0)
     return percentile_interval(d, level)
-
-
-def verdict(ci: tuple[float, float] | None) -> str:
-    if ci is None:
-        return "not resolved (fewer than 2 seeds)"
-    if ci[0] > 0:
-        return "supported"
-    if ci[1] < 0:
-        return "contradicted (the reverse holds)"
-    return "not supported (the interval contains 0)"
 
 
 def seed_tables(cfg: DictConfig, records: Sequence[Mapping[str, Any]]) -> tuple[str, dict]:

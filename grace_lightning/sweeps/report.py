@@ -13,7 +13,9 @@ overrides come from ``wandb.Api()``; repeat ``--wandb`` to combine sweeps.
 Written to ``--out``: ``runs.md`` and ``runs.csv`` (one row per run), and, when the runs vary
 along the axis, ``sup_vs_unsup.png`` (GRACE per backbone, sup vs unsup), ``lambda_heatmap.png``
 (λ1 x λ2), ``algorithms.png`` (one bar per RL algorithm) and ``baselines.png`` (GRACE vs
-InfoNCE / SimCSE per backbone). Runs that share a plot cell (e.g. seeds) are averaged.
+InfoNCE / SimCSE per backbone). Runs that share a plot cell (e.g. seeds) are averaged. A sweep of
+``seed`` x one two-valued override (sweeps/pg_weight.yaml) also gets a seed-paired comparison of
+the two arms in runs.md: per-seed differences, their mean and 95% t-interval.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from grace_lightning.eval.report import format_cell
+from grace_lightning.eval.seeds import t_interval, verdict
 
 # table columns that describe a run (then any other swept override, then the metrics)
 ID_COLUMNS = [
@@ -470,6 +473,71 @@ PLOTS = {
 }
 
 
+# ---------------------------------------------------------------------------- seed-paired arms
+def seed_paired(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """A - B over seeds, when the runs sweep ``seed`` and exactly one other override with two
+    values (the arms, A the value that came first; e.g. sweeps/pg_weight.yaml's
+    ``algo.pg_weight=1,0``): per seed the difference of the two runs' ``metric`` (runs of one
+    cell averaged), their mean and its 95% t-interval (`eval/seeds.py`, as study v3's claims).
+    None when the runs are not such a grid."""
+    values: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        for k, v in r["overrides"].items():
+            if v not in values[k]:
+                values[k].append(v)
+    varying = [k for k, v in values.items() if len(v) > 1]
+    arms = [k for k in varying if k != "seed"]
+    if "seed" not in varying or len(arms) != 1 or len(values[arms[0]]) != 2:
+        return None
+    key, (a, b) = arms[0], values[arms[0]]
+    cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        o, value = r["overrides"], r["metrics"].get(metric)
+        if value is not None and math.isfinite(value) and key in o and "seed" in o:
+            cells[(o[key], o["seed"])].append(float(value))
+    seeds = [s for s in values["seed"] if (a, s) in cells and (b, s) in cells]
+    per_seed = {
+        s: (sum(cells[(a, s)]) / len(cells[(a, s)]), sum(cells[(b, s)]) / len(cells[(b, s)]))
+        for s in seeds
+    }
+    diffs = [va - vb for va, vb in per_seed.values()]
+    ci = t_interval(diffs)
+    return {
+        "key": key,
+        "a": a,
+        "b": b,
+        "metric": metric,
+        "per_seed": per_seed,
+        "mean": sum(diffs) / len(diffs) if diffs else None,
+        "ci": ci,
+        "verdict": verdict(ci) if diffs else "no seed has both arms yet",
+    }
+
+
+def seed_paired_markdown(p: dict[str, Any]) -> str:
+    a, b = f"{p['key']}={p['a']}", f"{p['key']}={p['b']}"
+    lines = [
+        f"## Seed-paired: `{a}` - `{b}`",
+        "",
+        f"| seed | `{a}` | `{b}` | A - B |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {s} | {va:.2f} | {vb:.2f} | {va - vb:+.2f} |" for s, (va, vb) in p["per_seed"].items()
+    ]
+    if p["mean"] is not None:
+        ci = p["ci"]
+        ci_txt = f" [{ci[0]:+.2f}, {ci[1]:+.2f}] (95% t-interval over seeds)" if ci else ""
+        lines += [
+            "",
+            f"`{p['metric']}`, A - B over {len(p['per_seed'])} seed(s): {p['mean']:+.2f}{ci_txt}. "
+            f'"`{a}` beats `{b}`": {p["verdict"]}.',
+        ]
+    else:
+        lines += ["", p["verdict"] + "."]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- entry point
 def build_report(
     rows: list[dict[str, Any]], out: str | Path, metric: str | None = None, title: str = "Sweep"
@@ -481,7 +549,11 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     metric = choose_metric(rows, metric)
     header, body = table(rows, metric)
-    (out / "runs.md").write_text(markdown(header, body, title, metric))
+    paired = seed_paired(rows, metric) if metric else None
+    text = markdown(header, body, title, metric)
+    if paired:
+        text += "\n" + seed_paired_markdown(paired)
+    (out / "runs.md").write_text(text)
     write_csv(out / "runs.csv", header, body)
     plots = []
     if metric:
@@ -492,6 +564,7 @@ def build_report(
         "table": out / "runs.md",
         "csv": out / "runs.csv",
         "plots": plots,
+        "paired": paired,
     }
 
 
