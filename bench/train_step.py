@@ -165,11 +165,12 @@ def run_grace(args, engine: str = "hf") -> dict:
 def start_vllm(cfg) -> float:
     """Create the process's shared vLLM engine the run's module will use; -> seconds."""
     from grace_lightning.models.backbone import BackboneConfig, convert_gguf
-    from grace_lightning.rollout.vllm_engine import VllmConfig, shared_llm
+    from grace_lightning.rollout.vllm_engine import shared_llm
+    from grace_lightning.schema import VllmConfig, typed
 
     t0 = time.perf_counter()
     r = cfg.rollout
-    vcfg = VllmConfig.from_cfg(r.get("vllm"))
+    vcfg = typed(VllmConfig, r.get("vllm"))
     length = vcfg.max_model_len or (cfg.prompt.max_prompt_tokens + r.max_new_tokens)
     shared_llm(str(convert_gguf(BackboneConfig(**cfg.backbone))), vcfg, length)
     return time.perf_counter() - t0

@@ -126,7 +126,7 @@ class GraceModule(L.LightningModule):
                 top_k=rollout.top_k,
                 ignore_eos=rollout.ignore_eos,
                 max_prompt_tokens=prompt.max_prompt_tokens,
-                vllm=OmegaConf.to_container(rollout.vllm),
+                vllm=rollout.vllm,
             )
         self._synced_step: int | None = None  # global_step whose weights the engine holds
         self.last_weight_sync_s = 0.0

@@ -65,10 +65,6 @@ class VllmConfig:
     tis_cap: float | None = None
     score_rows: int | None = None
 
-    @classmethod
-    def from_cfg(cls, cfg: dict | None) -> VllmConfig:
-        return cls(**dict(cfg or {}))
-
 
 @dataclass
 class RolloutConfig:

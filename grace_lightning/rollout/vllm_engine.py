@@ -48,7 +48,7 @@ from grace_lightning.rollout.engine import (
     _per_prompt,
     left_pad,
 )
-from grace_lightning.schema import VllmConfig  # the one definition of `rollout.vllm`
+from grace_lightning.schema import VllmConfig, typed  # the one definition of `rollout.vllm`
 
 __all__ = [
     "VllmConfig",
@@ -248,7 +248,7 @@ class VLLMRolloutEngine:
         self.eos_ids = eos_token_ids or _eos(model, tokenizer)
         self.ignore_eos = ignore_eos
         self.pad_id = tokenizer.pad_token_id
-        self.cfg = vllm if isinstance(vllm, VllmConfig) else VllmConfig.from_cfg(vllm)
+        self.cfg = typed(VllmConfig, vllm)  # a dataclass, dict or DictConfig; absent keys: defaults
         self.max_model_len = self.cfg.max_model_len or (max_prompt_tokens + max_new_tokens)
         self.progress = progress
         self.last_sync_s = 0.0  # seconds of the last weight sync

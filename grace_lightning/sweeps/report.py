@@ -28,6 +28,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -496,10 +497,7 @@ def seed_paired(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | Non
         if value is not None and math.isfinite(value) and key in o and "seed" in o:
             cells[(o[key], o["seed"])].append(float(value))
     seeds = [s for s in values["seed"] if (a, s) in cells and (b, s) in cells]
-    per_seed = {
-        s: (sum(cells[(a, s)]) / len(cells[(a, s)]), sum(cells[(b, s)]) / len(cells[(b, s)]))
-        for s in seeds
-    }
+    per_seed = {s: (fmean(cells[(a, s)]), fmean(cells[(b, s)])) for s in seeds}
     diffs = [va - vb for va, vb in per_seed.values()]
     ci = t_interval(diffs)
     return {
@@ -508,7 +506,7 @@ def seed_paired(rows: list[dict[str, Any]], metric: str) -> dict[str, Any] | Non
         "b": b,
         "metric": metric,
         "per_seed": per_seed,
-        "mean": sum(diffs) / len(diffs) if diffs else None,
+        "mean": fmean(diffs) if diffs else None,
         "ci": ci,
         "verdict": verdict(ci) if diffs else "no seed has both arms yet",
     }
